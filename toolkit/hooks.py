@@ -1,0 +1,167 @@
+"""Hook sites named as in TransformerLens, mapped onto Hugging Face decoder modules.
+
+Sites for block ``l`` (TransformerLens names ``blocks.{l}.hook_<site>``):
+
+* ``resid_pre``  -- input of block ``l`` (the residual stream before it); forward pre-hook on the block.
+* ``resid_mid``  -- residual stream after attention, before the MLP: ``resid_pre + attn_out``; read from the
+  input of the pre-MLP norm. Writes go through ``attn_out`` (adding ``v`` to ``attn_out`` adds ``v`` to
+  ``resid_mid`` and to everything downstream), so a write hook here is installed on ``attn_out``.
+* ``attn_out``   -- what the attention sub-block adds to the residual stream: the attention module's output,
+  or, for Gemma 2/3, the output of the norm that follows it (``post_attention_layernorm``).
+* ``mlp_out``    -- what the MLP sub-block adds: the MLP output, or for Gemma 2/3 ``post_feedforward_layernorm``'s.
+* ``resid_post`` -- output of block ``l`` (= ``resid_pre`` of block ``l + 1``).
+
+Supported: any decoder whose blocks expose ``self_attn`` and ``mlp`` with Llama-style norms, which covers
+Qwen2/Qwen2.5/Qwen3, Llama 2/3, Mistral and Gemma 1/2/3 (text). All tensors are ``[batch, pos, d_model]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import ToolkitError
+
+SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM, as a ``ModuleList`` of length ``n_layers``.
+
+    Raises:
+        ToolkitError: the architecture has no recognisable block list.
+    """
+    candidates = []
+    inner = getattr(model, "model", None)
+    if inner is not None:
+        candidates += [getattr(inner, "layers", None), getattr(getattr(inner, "language_model", None), "layers", None)]
+    with contextlib.suppress(Exception):
+        candidates.append(getattr(model.get_decoder(), "layers", None))
+    for c in candidates:
+        if isinstance(c, nn.ModuleList) and len(c) and hasattr(c[0], "self_attn") and hasattr(c[0], "mlp"):
+            return c
+    raise ToolkitError(
+        f"unsupported architecture {type(model).__name__}: expected Llama-style decoder blocks with self_attn and mlp"
+    )
+
+
+def embedding(model: nn.Module) -> nn.Embedding:
+    """The token embedding module (writes the first residual stream), ``weight: [vocab, d_model]``."""
+    return model.get_input_embeddings()
+
+
+def _sandwich(block: nn.Module) -> bool:
+    """True for Gemma 2/3 style blocks, where a norm follows attention and the MLP before the residual add."""
+    return hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
+
+
+def attn_out_module(block: nn.Module) -> nn.Module:
+    """The module whose output is what attention adds to the residual stream."""
+    return block.post_attention_layernorm if _sandwich(block) else block.self_attn
+
+
+def mlp_out_module(block: nn.Module) -> nn.Module:
+    """The module whose output is what the MLP adds to the residual stream."""
+    return block.post_feedforward_layernorm if _sandwich(block) else block.mlp
+
+
+def pre_mlp_norm(block: nn.Module) -> nn.Module:
+    """The norm that reads ``resid_mid`` (its input is the residual stream between attention and MLP)."""
+    return block.pre_feedforward_layernorm if _sandwich(block) else block.post_attention_layernorm
+
+
+def has_post_norms(model: nn.Module) -> bool:
+    """True if norms follow ``o_proj``/``down_proj`` (Gemma 2/3): weight orthogonalization is then inexact."""
+    return _sandwich(decoder_layers(model)[0])
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out, new):
+    if isinstance(out, tuple):
+        return (new,) + tuple(out[1:])
+    return new
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    """Validate a layer index (negative counts from the end) and return it as non-negative.
+
+    Raises:
+        ToolkitError: out of range.
+    """
+    n = len(decoder_layers(model))
+    if not -n <= layer < n:
+        raise ToolkitError(f"layer {layer} is out of range: this model has {n} layers (0..{n - 1})")
+    return layer % n
+
+
+def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool = False):
+    """Register ``fn`` on ``blocks.{layer}.hook_{site}``; return the handle (call ``.remove()``).
+
+    ``fn`` receives the activation ``[batch, pos, d_model]`` and returns a replacement tensor or ``None``.
+    With ``write=True`` a ``resid_mid`` hook is placed on ``attn_out`` (see module docstring) so that its
+    change propagates; reading ``resid_mid`` uses the pre-MLP norm's input.
+
+    Raises:
+        ToolkitError: unknown site or layer out of range.
+    """
+    if site not in SITES:
+        raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
+    layer = check_layer(model, layer)
+    block = decoder_layers(model)[layer]
+
+    if site == "resid_pre" or (site == "resid_mid" and not write):
+        module = block if site == "resid_pre" else pre_mlp_norm(block)
+
+        def pre_hook(mod, args, kwargs):
+            if args:
+                new = fn(args[0])
+                if new is not None:
+                    return (new,) + tuple(args[1:]), kwargs
+            else:
+                new = fn(kwargs["hidden_states"])
+                if new is not None:
+                    kwargs = dict(kwargs, hidden_states=new)
+                    return args, kwargs
+            return None
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    module = {"resid_post": block, "attn_out": attn_out_module(block), "mlp_out": mlp_out_module(block),
+              "resid_mid": attn_out_module(block)}[site]
+
+    def fwd_hook(mod, args, out):
+        new = fn(_first(out))
+        if new is not None:
+            return _replace_first(out, new)
+        return None
+
+    return module.register_forward_hook(fwd_hook)
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, specs: list[tuple[str, int, HookFn]], *, write: bool = True) -> Iterator[None]:
+    """Context manager: register ``(site, layer, fn)`` hooks and always remove them on exit (even on error).
+
+    Raises:
+        ToolkitError: unknown site or layer out of range (nothing is left registered).
+    """
+    handles = []
+    try:
+        for site, layer, fn in specs:
+            handles.append(add_hook(model, site, layer, fn, write=write))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the last needed activation is read."""
