@@ -163,5 +163,30 @@ def hooked(model: nn.Module, specs: list[tuple[str, int, HookFn]], *, write: boo
             h.remove()
 
 
+class _Phase:
+    """Which part of a prompt the current forward pass computes (set by :class:`toolkit.runner.Runner`).
+
+    ``"prefix"``: the template prefix shared by every prompt (computed once, then cached);
+    ``"prompt"``: the rest of the prompt, which holds every addressed position; ``"generate"``: decode steps.
+    Interventions addressed to prompt positions act only in the ``"prompt"`` phase; those at all
+    positions act in every phase. Outside a Runner the phase is ``"prompt"``.
+    """
+
+    value = "prompt"
+
+
+PHASE = _Phase()
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Set :data:`PHASE` for the duration of the block."""
+    old, PHASE.value = PHASE.value, name
+    try:
+        yield
+    finally:
+        PHASE.value = old
+
+
 class StopForward(Exception):
     """Raised inside a hook to end a forward pass once the last needed activation is read."""

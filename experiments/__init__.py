@@ -1,0 +1,1 @@
+"""The ``refusal`` command line: one module per subcommand, each a thin protocol over :mod:`toolkit`."""

@@ -1,0 +1,154 @@
+"""``refusal ablate``: evaluate with the refusal direction ablated; optionally save an orthogonalized model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import typer
+
+from toolkit.directions import load_direction
+from toolkit.errors import ToolkitError
+from toolkit.evaluation import evaluate
+from toolkit.interventions import directional_ablation, orthogonalize_weights
+from toolkit.prompts import load_prompt_set
+from toolkit.runs import Run, load_run
+
+from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, GenOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt,
+                     SystemOpt, console, handle_errors, open_session, print_summary, summary_row)
+
+
+def resolve_direction(spec: str):
+    """A direction from an extract run folder (or its name) or a direction ``.safetensors`` file.
+
+    Returns:
+        (``[d_model]`` tensor, metadata dict, source path).
+
+    Raises:
+        ToolkitError: no such run or file.
+    """
+    p = Path(spec)
+    if p.is_file():
+        d, meta = load_direction(p)
+        return d, meta, str(p)
+    folder, _ = load_run(spec, "extract")
+    d, meta = load_direction(folder / "direction.safetensors")
+    return d, meta, str(folder)
+
+
+def check_direction_matches(meta: dict, d_width: int, lm) -> None:
+    """Refuse a direction made for another model (by hash) or of another width.
+
+    Raises:
+        ToolkitError: d_model or model hash differs.
+    """
+    if d_width != lm.d_model:
+        raise ToolkitError(f"direction has d_model {d_width} but model {lm.model_id} has d_model {lm.d_model}")
+    h = meta.get("model_hash")
+    if h and h != lm.model_hash:
+        raise ToolkitError(f"direction was extracted from model {meta.get('model_id')} (hash {h[:12]}), "
+                           f"not {lm.model_id} (hash {lm.model_hash[:12]})")
+
+
+@handle_errors
+def ablate(
+    direction: str = typer.Option(..., "--direction", "-d", help="runs/extract/NAME (or NAME) or a direction file"),
+    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set"),
+    harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set"),
+    split: str = typer.Option("test", "--split", help="split evaluated: train, val, test or all"),
+    limit: int = typer.Option(None, "--limit", help="evaluate only the first N prompts of each set"),
+    gen_tokens: int = GenOpt,
+    save: Path = typer.Option(None, "--save", help="write a weight-orthogonalized Hugging Face checkpoint here "
+                              "and evaluate it on the harmful set"),
+    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
+    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
+):
+    """Ablate the refusal direction (directional ablation at every layer, all positions) and report harmful and
+    harmless refusal before/after and KL divergence on harmless prompts.
+
+    Writes runs/ablate/NAME/ with results.csv (per prompt and condition), summary.csv and run.json. With --save,
+    also a weight-orthogonalized checkpoint that plain transformers loads, evaluated as a third condition.
+    """
+    d, meta, dsource = resolve_direction(direction)
+    H = load_prompt_set(harmful).select(split).head(limit)
+    B = load_prompt_set(harmless).select(split).head(limit)
+    if save is not None and save.exists() and not force:
+        raise ToolkitError(f"{save} already exists; choose another --save folder or pass --force")
+    with Run("ablate", name, force) as run:
+        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+        check_direction_matches(meta, d.shape[0], ses.lm)
+        r = ses.runner
+        eh, eb = r.encode(H.prompts), r.encode(B.prompts)
+        t0 = time.time()
+        base_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="baseline harmful")
+        base_b = evaluate(r, eb, ses.refusal_ids, gen_tokens, desc="baseline harmless")
+        run.time("baseline", time.time() - t0)
+        t0 = time.time()
+        with directional_ablation(ses.lm.model, d):
+            abl_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="ablated harmful")
+            abl_b = evaluate(r, eb, ses.refusal_ids, gen_tokens, desc="ablated harmless")
+        run.time("ablated", time.time() - t0)
+        conds = [("baseline", H, base_h, None), ("baseline", B, base_b, np.zeros(len(B))),
+                 ("ablated", H, abl_h, abl_h.kl_from(base_h)), ("ablated", B, abl_b, abl_b.kl_from(base_b))]
+        ortho_info = None
+        if save is not None:
+            t0 = time.time()
+            ortho_info = orthogonalize_weights(ses.lm.model, d)
+            orth_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="orthogonalized harmful")
+            orth_b = evaluate(r, eb, ses.refusal_ids, 0, desc="orthogonalized harmless")
+            conds += [("orthogonalized", H, orth_h, orth_h.kl_from(base_h)),
+                      ("orthogonalized", B, orth_b, orth_b.kl_from(base_b))]
+            ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl_b.logits).abs().max())
+            _save_checkpoint(ses.lm, save, force)
+            run.time("orthogonalized", time.time() - t0)
+        rows, summary = [], []
+        for cond, ps, ev, kl in conds:
+            for i, rec in enumerate(ps.records):
+                rows.append({"set": ps.name, "id": rec["id"], "category": rec["category"], "condition": cond,
+                             "score": float(ev.scores[i]),
+                             "refusal": None if ev.refusals is None else bool(ev.refusals[i]),
+                             "kl": None if kl is None else float(kl[i]),
+                             "completion": None if ev.completions is None else ev.completions[i]})
+            summary.append(summary_row(ps.name, ps.split, cond, ev.refusals, ev.scores, kl))
+        sm = pd.DataFrame(summary)
+        run.write_csv("results.csv", pd.DataFrame(rows))
+        run.write_csv("summary.csv", sm)
+        results = {"summary": sm.to_dict(orient="records"), "direction": {"source": dsource, **meta}}
+        if ortho_info is not None:
+            results["orthogonalized"] = {"saved_to": str(save), "untied_lm_head": ortho_info["untied_lm_head"],
+                                         "exact_equivalent": ortho_info["exact_equivalent"],
+                                         "n_edited": len(ortho_info["edited"]),
+                                         "max_abs_logit_diff_vs_hooks": ortho_info["max_abs_logit_diff_vs_hooks"]}
+        final = run.finish(model=ses.lm.describe(), prompt_sets=[H.describe(), B.describe()], seed=seed,
+                           params={"direction": dsource, "split": split, "gen_tokens": gen_tokens, "limit": limit,
+                                   "system": system, "save": str(save) if save else None,
+                                   "refusal_token_ids": ses.refusal_ids},
+                           results=results)
+    print_summary(sm, f"ablation of {dsource} (layer {meta.get('layer')}, pos {meta.get('pos')}): {final}")
+    if ortho_info is not None:
+        console.print(f"saved weight-orthogonalized model to {save} (untied LM head: {ortho_info['untied_lm_head']}; "
+                      f"max |logit difference| vs hook ablation {ortho_info['max_abs_logit_diff_vs_hooks']:.2e})")
+    console.print(f"wrote {final}")
+
+
+def _save_checkpoint(lm, dest: Path, force: bool) -> None:
+    """Write model and tokenizer to ``dest`` atomically (temporary sibling folder, then rename)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        lm.model.save_pretrained(str(tmp), safe_serialization=True)
+        lm.tokenizer.save_pretrained(str(tmp))
+        if dest.exists():
+            if not force:
+                raise ToolkitError(f"{dest} already exists; pass --force")
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,128 @@
+"""Shared pieces of the subcommands: options, error handling, model set-up, summaries."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from toolkit.errors import ToolkitError
+from toolkit.stats import rate_summary
+
+console = Console(stderr=True)
+out = Console()
+
+# ---------------------------------------------------------------------------------------------- options
+ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face id, local folder or .gguf file "
+                        "[default: the offline Qwen2.5-Coder-0.5B-Instruct Q4_K_M]")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 where the CPU/GPU computes it natively, else "
+                        "float32), float32, bfloat16, float16")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps")
+BatchOpt = typer.Option(16, "--batch-size", "-b", help="prompts per forward pass")
+NameOpt = typer.Option(None, "--name", help="run name under runs/<command>/ [default: timestamp]")
+ForceOpt = typer.Option(False, "--force", help="replace an existing run of the same name")
+SeedOpt = typer.Option(0, "--seed", help="random seed (recorded; greedy decoding is deterministic)")
+SystemOpt = typer.Option(None, "--system", help="system prompt [default: the chat template's own behaviour]")
+GenOpt = typer.Option(16, "--gen-tokens", help="greedy completion length judged by the refusal markers")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars")
+
+
+def handle_errors(fn):
+    """Turn :class:`ToolkitError` (bad input) into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ToolkitError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@dataclass
+class Session:
+    """A loaded model, its chat format, a runner and the refusal-opener ids."""
+
+    lm: object
+    fmt: object
+    runner: object
+    refusal_ids: list[int]
+
+
+def open_session(model: str | None, dtype: str, device: str, batch_size: int, system: str | None,
+                 quiet: bool, seed: int = 0) -> Session:
+    """Load the model and build the runner (the slow part of every command)."""
+    import torch
+
+    from toolkit.models import load_model
+    from toolkit.runner import Runner
+    from toolkit.scoring import refusal_token_ids
+    from toolkit.templates import ChatFormat
+
+    torch.manual_seed(seed)
+    if quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    _quiet_libraries()
+    with console.status(f"loading model {model or 'default'}"):
+        lm = load_model(model, dtype=dtype, device=device)
+    fmt = ChatFormat(lm.tokenizer, system=system)
+    runner = Runner(lm, fmt, batch_size=batch_size, progress=not quiet and sys.stderr.isatty())
+    ids = refusal_token_ids(lm.tokenizer)
+    d = lm.describe()
+    console.print(f"model {d['id']} ({d['architecture']}, {d['n_layers']} layers, d_model {d['d_model']}, "
+                  f"{d['dtype']}, {d['device']}); refusal tokens {ids}", highlight=False)
+    return Session(lm, fmt, runner, ids)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def summary_row(set_name: str, split: str | None, condition: str, refusals, scores, kl=None) -> dict:
+    """One row of a run's ``summary.csv``: refusal rate with Wilson 95 % interval, mean score, mean KL."""
+    row = {"set": set_name, "split": split or "all", "condition": condition}
+    if refusals is not None:
+        s = rate_summary(list(refusals))
+        row.update({"n": s["n"], "refusals": s["k"], "refusal_rate": s["rate"], "ci_low": s["ci_low"],
+                    "ci_high": s["ci_high"]})
+    else:
+        row.update({"n": len(scores), "refusals": None, "refusal_rate": None, "ci_low": None, "ci_high": None})
+    row["mean_score"] = float(pd.Series(scores).mean())
+    row["mean_kl"] = float(pd.Series(kl).mean()) if kl is not None else None
+    return row
+
+
+def print_summary(df: pd.DataFrame, title: str, extra_cols: tuple[str, ...] = ()) -> None:
+    """Print a summary table (refusal rate [95 % CI], mean score, KL) to stdout."""
+    t = Table(title=title, title_justify="left")
+    cols = list(extra_cols) + ["set", "split", "condition", "n", "refusal rate [95% CI]", "mean score", "KL"]
+    for c in cols:
+        t.add_column(c, justify="right" if c in ("n", "mean score", "KL") else "left")
+    for _, r in df.iterrows():
+        rate = "-" if pd.isna(r.get("refusal_rate")) else \
+            f"{r['refusal_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+        kl = "-" if pd.isna(r.get("mean_kl")) else f"{r['mean_kl']:.3f}"
+        vals = [str(r[c]) for c in extra_cols] + [str(r["set"]), str(r["split"]), str(r["condition"]),
+                                                   str(int(r["n"])), rate, f"{r['mean_score']:.2f}", kl]
+        t.add_row(*vals)
+    out.print(t)

@@ -1,0 +1,45 @@
+"""``refusal compare``: one table across runs (terminal and CSV)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import typer
+
+from toolkit.errors import ToolkitError
+from toolkit.runs import Run, load_run
+
+from .common import ForceOpt, NameOpt, console, handle_errors, print_summary
+
+
+@handle_errors
+def compare(
+    runs: list[str] = typer.Argument(..., help="run folders (runs/<command>/<name>) to put side by side"),
+    name: str = NameOpt, force: bool = ForceOpt,
+):
+    """Put the summaries of several runs (score, extract, ablate) in one table: refusal rate with Wilson 95 %
+    interval, mean refusal score and KL per set and condition.
+
+    Writes runs/compare/NAME/comparison.csv and run.json.
+    """
+    frames, sources = [], []
+    for spec in runs:
+        folder, meta = load_run(spec)
+        path = folder / "summary.csv"
+        if not path.is_file():
+            raise ToolkitError(f"run {folder} has no summary.csv to compare")
+        df = pd.read_csv(path)
+        df.insert(0, "run", f"{meta['command']}/{meta['name']}")
+        df.insert(1, "model", (meta.get("model") or {}).get("id"))
+        frames.append(df)
+        sources.append({"run": str(folder), "command": meta["command"], "model": meta.get("model"),
+                        "prompt_sets": meta.get("prompt_sets"), "git_commit": meta.get("git_commit")})
+    table = pd.concat(frames, ignore_index=True)
+    for col in ("n", "refusal_rate", "ci_low", "ci_high", "mean_score", "mean_kl"):
+        if col not in table:
+            table[col] = None
+    with Run("compare", name, force) as run:
+        run.write_csv("comparison.csv", table)
+        final = run.finish(model=None, prompt_sets=[], seed=None, params={"runs": runs},
+                           results={"sources": sources, "rows": len(table)})
+    print_summary(table, f"comparison: {final}", extra_cols=("run",))
+    console.print(f"wrote {final}/comparison.csv")

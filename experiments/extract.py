@@ -1,0 +1,113 @@
+"""``refusal extract``: candidate refusal directions (difference-in-means) and their selection."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import torch
+import typer
+from safetensors.torch import save_file
+
+from toolkit.directions import save_direction
+from toolkit.errors import ToolkitError
+from toolkit.prompts import load_prompt_set
+from toolkit.runs import Run
+from toolkit.selection import SelectionConfig, build_candidates, select_direction
+
+from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
+                     console, handle_errors, open_session, out)
+
+
+@handle_errors
+def extract(
+    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set (needs train and val splits)"),
+    harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set (train and val splits)"),
+    n_train: int = typer.Option(None, "--n-train", help="use at most N training prompts per set"),
+    n_val: int = typer.Option(None, "--n-val", help="use at most N validation prompts per set"),
+    filter_by: str = typer.Option("judge", "--filter", help="training filter: judge (harmful prompts the model "
+                                  "refuses by marker judge), score (refusal score > 0, Arditi), none"),
+    select_by: str = typer.Option("judge", "--select-by", help="judge (marker judge on short completions "
+                                  "among the best survivors) or score (lowest bypass score, Arditi)"),
+    screen_n: int = typer.Option(8, "--screen-n", help="refused harmful val prompts used to screen candidates"),
+    keep: int = typer.Option(8, "--keep", help="candidates passed from screening to the full evaluation"),
+    judge_top: int = typer.Option(3, "--judge-top", help="survivors ranked by the marker judge"),
+    judge_tokens: int = typer.Option(12, "--judge-tokens", help="greedy tokens judged per completion"),
+    max_layer_frac: float = typer.Option(0.8, "--max-layer-frac", help="skip layers >= this fraction of depth"),
+    kl_max: float = typer.Option(0.1, "--kl-max", help="discard candidates with harmless KL above this (nats)"),
+    induce_min: str = typer.Option("auto", "--induce-min", help="discard candidates with induce below this; "
+                                   "'auto' = 0 (Arditi) relaxed to the harmless baseline score if nothing passes"),
+    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
+    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
+):
+    """Extract the refusal direction (Arditi et al. 2024): difference-in-means at every layer x post-instruction
+    position from filtered training prompts, then a staged selection on the validation split.
+
+    Writes runs/extract/NAME/ with candidates.safetensors (all candidates and both means), selection.csv (every
+    candidate: how far it got, why it stopped, its measures), direction.safetensors (the chosen raw direction and
+    its metadata) and run.json.
+    """
+    cfg = SelectionConfig(max_layer_frac=max_layer_frac, kl_max=kl_max, screen_n=screen_n, keep=keep,
+                          judge_top=judge_top, judge_tokens=judge_tokens, select_by=select_by)
+    cfg.check()
+    if induce_min != "auto":
+        try:
+            cfg.induce_min = float(induce_min)
+        except ValueError:
+            raise ToolkitError(f"--induce-min must be a number or 'auto', got {induce_min!r}") from None
+    H, B = load_prompt_set(harmful), load_prompt_set(harmless)
+    h_train, b_train = H.select("train").head(n_train), B.select("train").head(n_train)
+    h_val, b_val = H.select("val").head(n_val), B.select("val").head(n_val)
+    with Run("extract", name, force) as run:
+        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+        r = ses.runner
+        t0 = time.time()
+        cands = build_candidates(r, r.encode(h_train.prompts), r.encode(b_train.prompts), ses.refusal_ids,
+                                 filter_by=filter_by, judge_tokens=judge_tokens)
+        run.time("candidates", time.time() - t0)
+        console.print(f"training prompts kept by the filter: harmful {len(cands.harmful_kept)}/{len(h_train)}, "
+                      f"harmless {len(cands.harmless_kept)}/{len(b_train)}")
+        t0 = time.time()
+        sel = select_direction(r, cands.dirs, cands.layers, cands.positions, r.encode(h_val.prompts),
+                               r.encode(b_val.prompts), ses.refusal_ids, cfg, log=console.print)
+        run.time("selection", time.time() - t0)
+        run.write_csv("selection.csv", sel.table)
+        if sel.chosen is None:
+            raise ToolkitError("no candidate direction passed the filters; inspect with a larger --keep, "
+                               "--kl-max or --induce-min")
+        layer, pos = sel.chosen
+        li, pi = cands.layers.index(layer), cands.positions.index(pos)
+        direction = cands.dirs[li, pi].float()
+        save_file({"directions": cands.dirs.float().contiguous(), "mean_harmful": cands.mean_harmful.float(),
+                   "mean_harmless": cands.mean_harmless.float(),
+                   "layers": torch.tensor(cands.layers), "positions": torch.tensor(cands.positions)},
+                  str(run.path("candidates.safetensors")))
+        meta = {"model_id": ses.lm.model_id, "model_hash": ses.lm.model_hash, "d_model": ses.lm.d_model,
+                "layer": layer, "pos": pos, "site": "resid_pre", "norm": float(direction.norm()),
+                "method": "difference-in-means (Arditi et al. 2024)"}
+        save_direction(run.path("direction.safetensors"), direction, meta)
+        chosen_row = sel.table[(sel.table.layer == layer) & (sel.table.pos == pos)].iloc[0].to_dict()
+        pd.DataFrame([{"set": h_val.name, "split": "val", "condition": "baseline", "n": len(h_val),
+                       "refusal_rate": sel.baseline["harmful_val_refusal"],
+                       "mean_score": sel.baseline["harmful_val_score"]},
+                      {"set": h_val.name, "split": "val", "condition": f"ablate L{layer} p{pos}", "n": len(h_val),
+                       "refusal_rate": chosen_row.get("judge_refusal"), "mean_score": chosen_row["bypass"],
+                       "mean_kl": chosen_row["kl"]}]).to_csv(run.path("summary.csv"), index=False)
+        stages = sel.table.stage.value_counts().to_dict()
+        results = {"chosen": {"layer": layer, "pos": pos, "norm": meta["norm"], **{k: chosen_row[k] for k in
+                              ("bypass", "induce", "kl", "judge_refusal", "bypass_screen")}},
+                   "baseline": sel.baseline, "stages": stages, "selection_timings": sel.timings,
+                   "induce_filter": sel.induce_rule,
+                   "train_kept": {"harmful": len(cands.harmful_kept), "harmless": len(cands.harmless_kept),
+                                  "harmful_total": len(h_train), "harmless_total": len(b_train)}}
+        final = run.finish(model=ses.lm.describe(), prompt_sets=[p.describe() for p in (h_train, b_train, h_val, b_val)],
+                           seed=seed, params={"filter": filter_by, **cfg.__dict__, "n_train": n_train, "n_val": n_val,
+                                              "system": system, "refusal_token_ids": ses.refusal_ids},
+                           results=results)
+    c = results["chosen"]
+    out.print(f"chosen direction: layer {layer}, position {pos}, norm {c['norm']:.2f}; val bypass score "
+              f"{c['bypass']:.2f}, induce {c['induce']:.2f}, KL {c['kl']:.3f}, judged refusal "
+              f"{c['judge_refusal'] if c['judge_refusal'] == c['judge_refusal'] else '-'} "
+              f"(baseline {sel.baseline['harmful_val_refusal']:.2f})")
+    out.print(f"evaluated: {stages}")
+    console.print(f"wrote {final}")

@@ -1,0 +1,70 @@
+"""Directions in the residual stream: difference-in-means, normalisation, files.
+
+Difference-in-means (Arditi et al. 2024): ``r[l, i] = mean_harmful(x[l, i]) - mean_harmless(x[l, i])`` for
+layer ``l`` and post-instruction position ``i``, accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ToolkitError
+
+
+def diff_in_means(sum_a: torch.Tensor, n_a: int, sum_b: torch.Tensor, n_b: int) -> torch.Tensor:
+    """``sum_a / n_a - sum_b / n_b`` in float64.
+
+    Args:
+        sum_a, sum_b: activation sums ``[..., d_model]`` (e.g. ``[n_layers, n_pos, d_model]``).
+        n_a, n_b: prompt counts.
+
+    Raises:
+        ToolkitError: a count is zero (e.g. the training filter removed every prompt).
+    """
+    if n_a == 0 or n_b == 0:
+        raise ToolkitError(f"difference-in-means needs prompts on both sides (got {n_a} and {n_b})")
+    return sum_a.double() / n_a - sum_b.double() / n_b
+
+
+def unit(v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``v / ||v||`` along the last axis.
+
+    Raises:
+        ToolkitError: a zero vector.
+    """
+    n = v.norm(dim=-1, keepdim=True)
+    if bool((n < eps).any()):
+        raise ToolkitError("cannot normalise a zero direction")
+    return v / n
+
+
+def save_direction(path: Path, direction: torch.Tensor, meta: dict) -> None:
+    """Write a direction ``[d_model]`` (float32, raw norm kept) and its metadata to a safetensors file."""
+    save_file({"direction": direction.float().contiguous()}, str(path),
+              metadata={"meta": json.dumps(meta, sort_keys=True)})
+
+
+def load_direction(path: Path) -> tuple[torch.Tensor, dict]:
+    """Read a direction file written by :func:`save_direction` -> (``[d_model]`` float32, metadata).
+
+    Raises:
+        ToolkitError: missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"no direction file at {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        t = load_file(str(path))["direction"]
+    except Exception as e:
+        raise ToolkitError(f"cannot read direction file {path}: {type(e).__name__}") from None
+    if t.ndim != 1:
+        raise ToolkitError(f"direction in {path} has shape {tuple(t.shape)}, expected [d_model]")
+    return t, meta

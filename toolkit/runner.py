@@ -1,0 +1,332 @@
+"""Batched, prefix-sharing forward passes over chat prompts: logits, activations, greedy generation.
+
+Every prompt formatted with one chat template starts with the same tokens (system prompt, user-turn opener).
+The :class:`Runner` computes that shared prefix once per call, under whatever hooks are active, keeps its
+key/value cache, and runs only the remaining tokens of each prompt in left-padded batches sorted by length.
+Causal attention makes this exact: the prefix's keys and values do not depend on what follows (tested against
+plain forward passes in ``tests/test_runner.py``). Measured on the default model here: about 31 % less time
+per logit pass than full prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .activations import Batch, make_batches
+from .errors import ToolkitError
+from .hooks import PHASE, SITES, StopForward, check_layer, hooked, phase
+from .models import LoadedModel
+from .templates import ChatFormat
+
+
+@dataclass
+class Encoded:
+    """Token ids of formatted prompts split into a shared prefix and per-prompt suffixes.
+
+    Attributes:
+        ids: full token ids per prompt (list of ``[pos]``).
+        prefix_len: number of leading tokens shared by all prompts that are computed once.
+    """
+
+    ids: list[list[int]]
+    prefix_len: int
+
+    @property
+    def prefix(self) -> list[int]:
+        """The shared prefix ``[prefix_len]``."""
+        return self.ids[0][: self.prefix_len] if self.ids else []
+
+    @property
+    def suffixes(self) -> list[list[int]]:
+        """Per-prompt tokens after the prefix."""
+        return [x[self.prefix_len :] for x in self.ids]
+
+    @property
+    def n_tokens(self) -> int:
+        """Total prompt tokens (prefix counted once per prompt)."""
+        return sum(len(x) for x in self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def shared_prefix_len(ids: Sequence[Sequence[int]], keep: int) -> int:
+    """Length of the longest common token prefix, leaving at least ``keep`` tokens in every prompt."""
+    if not ids:
+        return 0
+    limit = min(len(x) for x in ids) - keep
+    p = 0
+    first = ids[0]
+    while p < limit and all(x[p] == first[p] for x in ids):
+        p += 1
+    return max(p, 0)
+
+
+class Runner:
+    """Runs a chat model over instructions: last-position logits, activations, greedy completions.
+
+    Args:
+        lm: a :class:`~toolkit.models.LoadedModel`.
+        fmt: the chat format (template, system prompt, post-instruction positions).
+        batch_size: prompts per forward pass (16 was fastest on two CPU cores for the default model).
+        progress: show tqdm bars (token counts).
+        share_prefix: compute the template prefix once per call (exact; off for debugging).
+    """
+
+    def __init__(self, lm: LoadedModel, fmt: ChatFormat, batch_size: int = 16, progress: bool = True,
+                 share_prefix: bool = True):
+        if batch_size < 1:
+            raise ToolkitError(f"batch size must be >= 1, got {batch_size}")
+        self.lm, self.model, self.fmt = lm, lm.model, fmt
+        self.batch_size, self.progress, self.share_prefix = batch_size, progress, share_prefix
+        self.pad_id = lm.tokenizer.pad_token_id
+        self.tokens_seen = 0
+        self._rows = torch.zeros(0, dtype=torch.long)
+
+    # ----------------------------------------------------------------------------------------- encoding
+    def encode(self, instructions: Sequence[str], keep: int | None = None) -> Encoded:
+        """Format and tokenize instructions; choose the shared prefix leaving ``keep`` tokens per prompt.
+
+        ``keep`` defaults to the post-instruction length + 1, so every post-instruction position is in the
+        per-prompt part.
+
+        Raises:
+            ToolkitError: no instructions, or an instruction is empty.
+        """
+        if not instructions:
+            raise ToolkitError("no prompts to run")
+        if any(not str(s).strip() for s in instructions):
+            raise ToolkitError("a prompt is empty")
+        ids = self.fmt.encode(list(instructions))
+        keep = max(keep or 0, self.fmt.n_post + 1)
+        p = shared_prefix_len(ids, keep) if self.share_prefix else 0
+        return Encoded(ids, p)
+
+    def _ensure_depth(self, enc: Encoded, depth: int) -> Encoded:
+        if all(len(s) >= depth for s in enc.suffixes):
+            return enc
+        p = shared_prefix_len(enc.ids, depth) if self.share_prefix else 0
+        if any(len(x) < depth for x in enc.ids):
+            raise ToolkitError(f"position {-depth} is beyond the shortest prompt ({min(map(len, enc.ids))} tokens)")
+        return Encoded(enc.ids, p)
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _prefix_cache(self, enc: Encoded):
+        """Compute the shared prefix's KV cache (batch 1) under the active hooks, phase ``prefix``."""
+        if enc.prefix_len == 0:
+            return None
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([enc.prefix], device=self.lm.device)
+        with phase("prefix"):
+            try:
+                self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            except StopForward:
+                pass
+        return cache
+
+    def _batches(self, enc: Encoded) -> list[Batch]:
+        return make_batches(enc.suffixes, self.batch_size, self.pad_id, self.lm.device)
+
+    def _inputs(self, enc: Encoded, b: Batch, cache) -> dict:
+        """Model kwargs for one batch: suffix ids, full attention mask and positions, expanded prefix cache."""
+        n = b.input_ids.shape[0]
+        p = enc.prefix_len
+        mask = b.attention_mask
+        pos = (mask.cumsum(1) - 1).clamp(min=0) + p
+        kw = {"input_ids": b.input_ids, "position_ids": pos}
+        if cache is not None:
+            c = copy.deepcopy(cache)
+            c.batch_repeat_interleave(n)
+            kw["past_key_values"] = c
+            mask = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=mask.device), mask], 1)
+        kw["attention_mask"] = mask
+        return kw
+
+    def _count(self, enc: Encoded, b: Batch, bar) -> None:
+        n = sum(len(enc.ids[i]) for i in b.index)
+        bar.update(n)
+        self.tokens_seen += n
+
+    def _bar(self, enc: Encoded, desc: str):
+        return tqdm(total=enc.n_tokens, desc=desc, unit="tok", disable=not self.progress, leave=False,
+                    dynamic_ncols=True)
+
+    # ------------------------------------------------------------------------------------------ passes
+    def logits(self, enc: Encoded, desc: str = "forward") -> torch.Tensor:
+        """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` float32, caller's order.
+
+        Active hooks (interventions) apply to the prefix and the prompt. Only the last position reaches the
+        LM head (``logits_to_keep=1``).
+        """
+        out = None
+        with torch.inference_mode():
+            cache = self._prefix_cache(enc)
+            bar = self._bar(enc, desc)
+            for b in self._batches(enc):
+                self._rows = torch.tensor(b.index)
+                logits = self.model(**self._inputs(enc, b, cache), use_cache=cache is not None,
+                                    logits_to_keep=1).logits[:, -1].float().cpu()
+                if out is None:
+                    out = torch.empty((len(enc), logits.shape[-1]), dtype=torch.float32)
+                out[torch.tensor(b.index)] = logits
+                self._count(enc, b, bar)
+            bar.close()
+        return out
+
+    @contextlib.contextmanager
+    def capture(self, n_prompts: int, layers: Sequence[int], sites: Sequence[str] = ("resid_pre",),
+                positions: Sequence[int] = (-1,), *, reduce: str = "none", stop: bool = False
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        """Context manager that records activations during this Runner's passes (prompt phase only).
+
+        Yields the output dict, filled as passes run: ``{site: [n_prompts, n_layers, n_pos, d_model]}``
+        float32, or with ``reduce="sum"`` ``{site: [n_layers, n_pos, d_model]}`` float64 sums over prompts.
+        With ``stop=True`` the forward pass ends after the last needed activation (:class:`StopForward`).
+        Use it around :meth:`generate` to read the prompt's activations in the same pass as the completion.
+
+        Raises:
+            ToolkitError: unknown site, layer out of range, non-negative position, bad ``reduce``.
+        """
+        if reduce not in ("none", "sum"):
+            raise ToolkitError(f"reduce must be 'none' or 'sum', got {reduce!r}")
+        for s in sites:
+            if s not in SITES:
+                raise ToolkitError(f"unknown hook site {s!r}; choose one of {', '.join(SITES)}")
+        layers = [check_layer(self.model, l) for l in layers]
+        positions = list(positions)
+        if not positions or any(p >= 0 for p in positions):
+            raise ToolkitError("positions must be negative indices from the end of the prompt, e.g. -1")
+        pos_t = torch.tensor(positions, device=self.lm.device)
+        shape = (len(layers), len(positions), self.lm.d_model)
+        if reduce == "sum":
+            out = {s: torch.zeros(shape, dtype=torch.float64) for s in sites}
+        else:
+            out = {s: torch.zeros((n_prompts,) + shape, dtype=torch.float32) for s in sites}
+        fire = {"resid_pre": 0, "attn_out": 1, "resid_mid": 2, "mlp_out": 3, "resid_post": 4}
+        last = max((l, fire[s]) for l in layers for s in sites)
+
+        def make(site: str, li: int, layer: int):
+            is_last = stop and (layer, fire[site]) == last
+
+            def fn(x: torch.Tensor):
+                if PHASE.value != "prompt":
+                    return None
+                if x.shape[1] < len(positions) or x.shape[1] < -min(positions):
+                    raise ToolkitError(f"position {min(positions)} is beyond a prompt of {x.shape[1]} tokens")
+                sel = x[:, pos_t].float().cpu()  # [batch, n_pos, d]
+                if reduce == "sum":
+                    out[site][li] += sel.sum(0, dtype=torch.float64)
+                else:
+                    out[site][self._rows, li] = sel
+                if is_last:
+                    raise StopForward
+                return None
+
+            return fn
+
+        specs = [(s, l, make(s, li, l)) for li, l in enumerate(layers) for s in sites]
+        with hooked(self.model, specs, write=False):
+            yield out
+
+    def collect(self, enc: Encoded, layers: Sequence[int], sites: Sequence[str] = ("resid_pre",),
+                positions: Sequence[int] = (-1,), *, reduce: str = "none", desc: str = "activations"
+                ) -> dict[str, torch.Tensor]:
+        """Collect activations at ``sites`` x ``layers`` x ``positions`` for every prompt.
+
+        Reads only what is asked and stops the forward pass after the last needed activation (no later
+        blocks, no LM head).
+
+        Args:
+            enc: from :meth:`encode`.
+            layers: block indices.
+            sites: hook site names (:data:`toolkit.hooks.SITES`).
+            positions: negative indices from the end of each prompt, e.g. ``fmt.post_positions()``.
+            reduce: ``"none"`` keeps every prompt; ``"sum"`` sums over prompts in float64 (for means).
+
+        Returns:
+            ``{site: [n_prompts, n_layers, n_pos, d_model] float32}`` or, with ``reduce="sum"``,
+            ``{site: [n_layers, n_pos, d_model] float64}``; layers in the order given.
+
+        Raises:
+            ToolkitError: unknown site, layer out of range, position not negative or beyond a prompt.
+        """
+        positions = list(positions)
+        if positions and all(p < 0 for p in positions):
+            enc = self._ensure_depth(enc, -min(positions))
+        with torch.inference_mode(), self.capture(len(enc), layers, sites, positions, reduce=reduce, stop=True) as out:
+            cache = self._prefix_cache(enc)
+            bar = self._bar(enc, desc)
+            for b in self._batches(enc):
+                self._rows = torch.tensor(b.index)
+                try:
+                    self.model(**self._inputs(enc, b, cache), use_cache=cache is not None)
+                except StopForward:
+                    pass
+                self._count(enc, b, bar)
+            bar.close()
+        return out
+
+    def generate(self, enc: Encoded, max_new_tokens: int, desc: str = "generate") -> tuple[list[str], torch.Tensor]:
+        """Greedy completions and the first step's logits.
+
+        Active hooks apply to the prefix, the prompt and every generated token (phase ``generate``).
+
+        Returns:
+            (completions as decoded text without special tokens, logits ``[n_prompts, vocab]`` float32 at the
+            last prompt position, i.e. the same as :meth:`logits`).
+
+        Raises:
+            ToolkitError: ``max_new_tokens`` < 1.
+        """
+        if max_new_tokens < 1:
+            raise ToolkitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        texts: list[str] = [""] * len(enc)
+        first = None
+        tok = self.lm.tokenizer
+        eos = self.model.generation_config.eos_token_id
+        with torch.inference_mode():
+            cache = self._prefix_cache(enc)
+            bar = self._bar(enc, desc)
+            for b in self._batches(enc):
+                self._rows = torch.tensor(b.index)
+                kw = self._inputs(enc, b, cache)
+                n = b.input_ids.shape[0]
+                if cache is not None:
+                    pre = torch.tensor([enc.prefix] * n, device=self.lm.device)
+                    kw["input_ids"] = torch.cat([pre, kw["input_ids"]], 1)
+                kw.pop("position_ids")
+                calls = {"n": 0}
+
+                def set_phase(mod, args, kwargs):
+                    PHASE.value = "prompt" if calls["n"] == 0 else "generate"
+                    calls["n"] += 1
+
+                h = self.model.register_forward_pre_hook(set_phase, with_kwargs=True)
+                try:
+                    res = self.model.generate(
+                        **kw, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                        top_k=None, output_logits=True, return_dict_in_generate=True, pad_token_id=self.pad_id,
+                        eos_token_id=eos,
+                    )
+                finally:
+                    h.remove()
+                    PHASE.value = "prompt"
+                width = kw["input_ids"].shape[1]
+                new = res.sequences[:, width:]
+                for r, i in enumerate(b.index):
+                    texts[i] = tok.decode(new[r], skip_special_tokens=True)
+                lg = res.logits[0].float().cpu()
+                if first is None:
+                    first = torch.empty((len(enc), lg.shape[-1]), dtype=torch.float32)
+                first[torch.tensor(b.index)] = lg
+                self._count(enc, b, bar)
+            bar.close()
+        return texts, first

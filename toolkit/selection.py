@@ -1,0 +1,278 @@
+"""Candidate refusal directions and their selection (Arditi et al. 2024, made affordable on a CPU).
+
+Candidates: difference-in-means at ``resid_pre`` for every layer x post-instruction position, from training
+prompts filtered as in Arditi et al.: harmful prompts the model refuses, harmless prompts it does not.
+
+Arditi et al. score every candidate on the validation set with three forward passes (``bypass``: mean
+refusal score on harmful prompts with the direction ablated everywhere; ``induce``: mean refusal score on
+harmless prompts with the raw direction added at its layer; ``kl``: KL(base || ablated) on harmless prompts),
+discard ``layer >= 0.8 * n_layers``, ``kl > 0.1``, ``induce < 0`` or NaN, and keep the lowest ``bypass``.
+On two CPU cores that is hours for a 24-layer model, so the search here is staged; every candidate's row in
+``selection.csv`` says how far it got and why it stopped:
+
+1. ``layer_filter``: candidates at ``layer >= max_layer_frac * n_layers`` are skipped (Arditi's filter,
+   applied before any evaluation since it would discard them anyway).
+2. ``screen``: every remaining candidate's ``bypass`` on a small screening subset of harmful validation prompts
+   the model refuses (one pass each). Only the ``keep`` lowest go on (successive halving).
+3. ``full``: ``bypass`` on all harmful validation prompts, ``kl`` and ``induce`` on the harmless ones, then
+   Arditi's filters.
+4. ``judge`` (``select_by="judge"``): the logit score ranks candidates poorly on some models (a low ``I``/``As``
+   probability does not mean the model complies), so the ``judge_top`` best survivors are ranked by the
+   marker judge's refusal rate on short greedy completions of the harmful validation prompts, ties broken by
+   ``bypass``. With ``select_by="score"`` the lowest ``bypass`` wins, as in the paper.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import ToolkitError
+from .evaluation import Evaluation, evaluate
+from .interventions import activation_addition, directional_ablation
+from .runner import Encoded, Runner
+
+
+@dataclass
+class SelectionConfig:
+    """Knobs of the staged search (defaults chosen for the default model on two CPU cores).
+
+    Attributes:
+        max_layer_frac: Arditi's layer filter, ``layer < int(max_layer_frac * n_layers)``.
+        kl_max: Arditi's KL filter (nats).
+        screen_n: harmful validation prompts (refused at baseline) in the screening stage.
+        keep: candidates passed from screening to the full evaluation.
+        judge_top: survivors ranked by the marker judge (``select_by="judge"``).
+        judge_tokens: greedy tokens per completion for the judge.
+        select_by: ``"judge"`` or ``"score"``.
+        induce_min: discard candidates whose ``induce`` is below this. ``None`` (auto): Arditi's 0, relaxed to
+            "above the harmless baseline score" when no candidate reaches 0 (reported as ``induce_rule``).
+    """
+
+    max_layer_frac: float = 0.8
+    kl_max: float = 0.1
+    screen_n: int = 8
+    keep: int = 8
+    judge_top: int = 3
+    judge_tokens: int = 12
+    select_by: str = "judge"
+    induce_min: float | None = None
+
+    def check(self) -> None:
+        """Raises ToolkitError for out-of-range settings."""
+        if self.select_by not in ("judge", "score"):
+            raise ToolkitError(f"select-by must be 'judge' or 'score', got {self.select_by!r}")
+        if not 0 < self.max_layer_frac <= 1:
+            raise ToolkitError("max layer fraction must be in (0, 1]")
+        if min(self.screen_n, self.keep, self.judge_top, self.judge_tokens) < 1:
+            raise ToolkitError("screen, keep, judge-top and judge-tokens must be >= 1")
+
+
+@dataclass
+class Selection:
+    """Result of :func:`select_direction`.
+
+    Attributes:
+        table: one row per candidate (layer, pos, norm, stage reached, status, measures).
+        chosen: ``(layer, pos)`` of the chosen candidate, or None if none passed the filters.
+        baseline: baseline measures on the validation sets.
+        timings: seconds per stage.
+    """
+
+    table: pd.DataFrame
+    chosen: tuple[int, int] | None
+    baseline: dict
+    timings: dict = field(default_factory=dict)
+    induce_rule: str = ""
+
+
+def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], positions: list[int],
+                     harmful_val: Encoded, harmless_val: Encoded, refusal_ids: list[int],
+                     cfg: SelectionConfig, log=print) -> Selection:
+    """Staged search for the refusal direction among ``dirs`` (see module docstring).
+
+    Args:
+        runner: the model runner.
+        dirs: raw difference-in-means candidates ``[n_layers, n_pos, d_model]``.
+        layers: the layer index of each row of ``dirs``.
+        positions: the (negative) position of each column of ``dirs``.
+        harmful_val, harmless_val: encoded validation prompts.
+        refusal_ids: refusal-opener token ids for the logit score.
+        cfg: search settings.
+
+    Returns:
+        :class:`Selection`.
+
+    Raises:
+        ToolkitError: no candidate survives the filters (the table is in the message's hint).
+    """
+    cfg.check()
+    n_layers_model = runner.lm.n_layers
+    t = {}
+    t0 = time.time()
+    base_h = evaluate(runner, harmful_val, refusal_ids, cfg.judge_tokens, desc="baseline harmful val")
+    base_b = evaluate(runner, harmless_val, refusal_ids, 0, desc="baseline harmless val")
+    t["baseline"] = time.time() - t0
+    refused = np.flatnonzero(base_h.refusals)
+    if len(refused) == 0:
+        raise ToolkitError("the model refuses none of the harmful validation prompts; nothing to select on")
+    screen_idx = refused[: cfg.screen_n]
+    screen_enc = Encoded([harmful_val.ids[i] for i in screen_idx], harmful_val.prefix_len)
+
+    rows = []
+    for li, layer in enumerate(layers):
+        for pi, pos in enumerate(positions):
+            rows.append({"layer": layer, "pos": pos, "norm": float(dirs[li, pi].norm()), "stage": "none",
+                         "status": "", "bypass_screen": np.nan, "bypass": np.nan, "induce": np.nan,
+                         "kl": np.nan, "judge_refusal": np.nan, "_li": li, "_pi": pi})
+    df = pd.DataFrame(rows)
+    limit = int(cfg.max_layer_frac * n_layers_model)
+    df.loc[df.layer >= limit, ["stage", "status"]] = ["layer_filter", f"skipped: layer >= {limit}"]
+    # The same template tokens at every post-instruction position have identical embeddings, so at layer 0
+    # both means are equal and the difference is (numerically) zero: nothing to ablate.
+    tiny = (df.stage == "none") & (df.norm < 1e-6 * max(float(df.norm.max()), 1e-30))
+    df.loc[tiny, ["stage", "status"]] = ["zero", "skipped: zero direction"]
+
+    def ablated(enc: Encoded, i: int, gen: int = 0, desc: str = "") -> Evaluation:
+        d = dirs[int(df.at[i, "_li"]), int(df.at[i, "_pi"])].float()
+        with directional_ablation(runner.model, d):
+            return evaluate(runner, enc, refusal_ids, gen, desc=desc)
+
+    # Stage 2: screening
+    t0 = time.time()
+    todo = df.index[df.stage == "none"].tolist()
+    log(f"screening {len(todo)} candidates on {len(screen_idx)} refused harmful val prompts")
+    for k, i in enumerate(todo):
+        ev = ablated(screen_enc, i, desc=f"screen {k + 1}/{len(todo)}")
+        df.loc[i, ["stage", "bypass_screen"]] = ["screen", float(ev.scores.mean())]
+    t["screen"] = time.time() - t0
+    log(f"screening took {t['screen']:.0f} s")
+    order = df.loc[todo].sort_values("bypass_screen").index.tolist()
+    full = order[: cfg.keep]
+    df.loc[order[cfg.keep:], "status"] = f"pruned: bypass_screen not in best {cfg.keep}"
+
+    # Stage 3: Arditi's three measures on the survivors. KL first: a candidate over the KL limit is
+    # discarded by Arditi's filter whatever its bypass and induce, so those two passes are skipped for it.
+    t0 = time.time()
+    log(f"full evaluation of {len(full)} candidates")
+    for k, i in enumerate(full):
+        li, pi = int(df.at[i, "_li"]), int(df.at[i, "_pi"])
+        ev_b = ablated(harmless_val, i, desc=f"kl {k + 1}/{len(full)}")
+        kl = float(ev_b.kl_from(base_b).mean())
+        df.loc[i, ["stage", "kl"]] = ["full", kl]
+        if not np.isfinite(kl) or kl > cfg.kl_max:
+            df.at[i, "status"] = f"filtered: kl > {cfg.kl_max} (bypass, induce not evaluated)"
+            continue
+        ev_h = ablated(harmful_val, i, desc=f"bypass {k + 1}/{len(full)}")
+        with activation_addition(runner.model, dirs[li, pi].float(), [int(df.at[i, "layer"])], alpha=1.0):
+            ev_i = evaluate(runner, harmless_val, refusal_ids, 0, desc=f"induce {k + 1}/{len(full)}")
+        df.loc[i, ["bypass", "induce"]] = [float(ev_h.scores.mean()), float(ev_i.scores.mean())]
+        df.at[i, "status"] = "filtered: NaN" if not np.isfinite(df.loc[i, ["bypass", "induce"]].astype(float)).all() \
+            else "measured"
+    t["full"] = time.time() - t0
+    measured = df.status == "measured"
+    base_harmless = float(base_b.scores.mean())
+    if cfg.induce_min is not None:
+        ok, rule = df.induce >= cfg.induce_min, f"induce >= {cfg.induce_min}"
+    elif (df.loc[measured, "induce"] >= 0).any():
+        ok, rule = df.induce >= 0, "induce >= 0 (Arditi et al.)"
+    else:
+        ok = df.induce > base_harmless
+        rule = (f"induce > harmless baseline score {base_harmless:.2f} (relaxed: no candidate reached Arditi's "
+                "induce >= 0 on this model)")
+    low = measured & ~ok
+    df.loc[low, "status"] = f"filtered: not {rule.split(' (')[0]}"
+    df.loc[measured & ~low, "status"] = "passed"
+    passed = df[df.status == "passed"].sort_values("bypass")
+    if passed.empty:
+        df["status"] = df["status"].where(df.status != "", "not evaluated")
+        return Selection(df.drop(columns=["_li", "_pi"]), None, {}, {k: round(v, 2) for k, v in t.items()}, rule)
+
+    t0 = time.time()
+    if cfg.select_by == "judge":
+        top = passed.index[: cfg.judge_top].tolist()
+        log(f"judging {len(top)} candidates on {len(harmful_val)} harmful val completions")
+        for k, i in enumerate(top):
+            ev = ablated(harmful_val, i, cfg.judge_tokens, desc=f"judge {k + 1}/{len(top)}")
+            df.loc[i, ["stage", "judge_refusal"]] = ["judge", float(ev.refusals.mean())]
+        ranked = df.loc[top].sort_values(["judge_refusal", "bypass"])
+    else:
+        ranked = passed
+    t["judge"] = time.time() - t0
+    best = ranked.index[0]
+    df.at[best, "status"] = "chosen"
+    chosen = (int(df.at[best, "layer"]), int(df.at[best, "pos"]))
+    baseline = {
+        "harmful_val_refusal": float(base_h.refusals.mean()),
+        "harmful_val_score": float(base_h.scores.mean()),
+        "harmless_val_score": float(base_b.scores.mean()),
+        "screen_prompts": int(len(screen_idx)),
+    }
+    return Selection(df.drop(columns=["_li", "_pi"]), chosen, baseline, {k: round(v, 2) for k, v in t.items()}, rule)
+
+
+@dataclass
+class Candidates:
+    """Difference-in-means candidates from filtered training prompts.
+
+    Attributes:
+        dirs: ``[n_layers, n_pos, d_model]`` float64, ``mean_harmful - mean_harmless`` at ``resid_pre``.
+        layers, positions: axes of ``dirs``.
+        harmful_kept, harmless_kept: indices of the training prompts that passed the filter.
+        harmful_refused: marker-judge verdict on every harmful training prompt (None if not judged).
+        harmful_scores, harmless_scores: baseline logit refusal scores of every training prompt.
+        mean_harmful, mean_harmless: the two means ``[n_layers, n_pos, d_model]`` float64.
+    """
+
+    dirs: torch.Tensor
+    layers: list[int]
+    positions: list[int]
+    harmful_kept: list[int]
+    harmless_kept: list[int]
+    harmful_refused: np.ndarray | None
+    harmful_scores: np.ndarray
+    harmless_scores: np.ndarray
+    mean_harmful: torch.Tensor
+    mean_harmless: torch.Tensor
+
+
+def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusal_ids: list[int],
+                     filter_by: str = "judge", judge_tokens: int = 12) -> Candidates:
+    """Difference-in-means at ``resid_pre`` of every layer x post-instruction position (Arditi et al. 2024).
+
+    The training prompts are filtered first: with ``filter_by="judge"`` harmful prompts whose greedy
+    completion (``judge_tokens`` tokens) the marker judge calls a refusal; with ``"score"`` harmful prompts with
+    refusal score > 0 (the paper's rule); harmless prompts always need score < 0; ``"none"`` keeps all.
+    Activations are read in the same pass that produces the baseline (generation's prefill), so filtering costs
+    no extra forward pass. Means are accumulated in float64.
+
+    Raises:
+        ToolkitError: unknown filter, or a side with no prompt left after filtering.
+    """
+    if filter_by not in ("judge", "score", "none"):
+        raise ToolkitError(f"filter must be judge, score or none, got {filter_by!r}")
+    layers = list(range(runner.lm.n_layers))
+    positions = runner.fmt.post_positions()
+    with runner.capture(len(harmful), layers, ["resid_pre"], positions) as acts_h:
+        ev_h = evaluate(runner, harmful, refusal_ids, judge_tokens if filter_by == "judge" else 0,
+                        desc="harmful train")
+    with runner.capture(len(harmless), layers, ["resid_pre"], positions) as acts_b:
+        ev_b = evaluate(runner, harmless, refusal_ids, 0, desc="harmless train")
+    if filter_by == "judge":
+        keep_h = np.flatnonzero(ev_h.refusals)
+    elif filter_by == "score":
+        keep_h = np.flatnonzero(ev_h.scores > 0)
+    else:
+        keep_h = np.arange(len(harmful))
+    keep_b = np.flatnonzero(ev_b.scores < 0) if filter_by != "none" else np.arange(len(harmless))
+    if len(keep_h) == 0 or len(keep_b) == 0:
+        raise ToolkitError(f"training filter left {len(keep_h)} harmful and {len(keep_b)} harmless prompts; "
+                           "use --filter none or more prompts")
+    mh = acts_h["resid_pre"][torch.as_tensor(keep_h)].double().mean(0)
+    mb = acts_b["resid_pre"][torch.as_tensor(keep_b)].double().mean(0)
+    return Candidates(mh - mb, layers, positions, keep_h.tolist(), keep_b.tolist(),
+                      ev_h.refusals, ev_h.scores, ev_b.scores, mh, mb)
