@@ -63,6 +63,8 @@ def ablate(
     split: str = typer.Option("test", "--split", help="split evaluated: train, val, test or all"),
     limit: int = typer.Option(None, "--limit", help="evaluate only the first N prompts of each set"),
     gen_tokens: int = GenOpt,
+    baseline: str = typer.Option(None, "--baseline", help="reuse the per-prompt baseline of a score run "
+                                 "(same model, prompt files, split and --gen-tokens) instead of recomputing it"),
     save: Path = typer.Option(None, "--save", help="write a weight-orthogonalized Hugging Face checkpoint here "
                               "and evaluate it on the harmful set"),
     model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
@@ -85,8 +87,13 @@ def ablate(
         r = ses.runner
         eh, eb = r.encode(H.prompts), r.encode(B.prompts)
         t0 = time.time()
-        base_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="baseline harmful")
-        base_b = evaluate(r, eb, ses.refusal_ids, gen_tokens, desc="baseline harmless")
+        if baseline:
+            base_h = reuse_baseline(baseline, H, ses.lm, split, gen_tokens, limit)
+            base_b = reuse_baseline(baseline, B, ses.lm, split, gen_tokens, limit)
+            base_b.logits = r.logits(eb, desc="baseline harmless logits")  # KL needs the full distribution
+        else:
+            base_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="baseline harmful")
+            base_b = evaluate(r, eb, ses.refusal_ids, gen_tokens, desc="baseline harmless")
         run.time("baseline", time.time() - t0)
         t0 = time.time()
         with directional_ablation(ses.lm.model, d):
@@ -94,14 +101,14 @@ def ablate(
             abl_b = evaluate(r, eb, ses.refusal_ids, gen_tokens, desc="ablated harmless")
         run.time("ablated", time.time() - t0)
         conds = [("baseline", H, base_h, None), ("baseline", B, base_b, np.zeros(len(B))),
-                 ("ablated", H, abl_h, abl_h.kl_from(base_h)), ("ablated", B, abl_b, abl_b.kl_from(base_b))]
+                 ("ablated", H, abl_h, kl_or_none(abl_h, base_h)), ("ablated", B, abl_b, abl_b.kl_from(base_b))]
         ortho_info = None
         if save is not None:
             t0 = time.time()
             ortho_info = orthogonalize_weights(ses.lm.model, d)
             orth_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="orthogonalized harmful")
             orth_b = evaluate(r, eb, ses.refusal_ids, 0, desc="orthogonalized harmless")
-            conds += [("orthogonalized", H, orth_h, orth_h.kl_from(base_h)),
+            conds += [("orthogonalized", H, orth_h, kl_or_none(orth_h, base_h)),
                       ("orthogonalized", B, orth_b, orth_b.kl_from(base_b))]
             ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl_b.logits).abs().max())
             _save_checkpoint(ses.lm, save, force)
@@ -126,7 +133,7 @@ def ablate(
                                          "max_abs_logit_diff_vs_hooks": ortho_info["max_abs_logit_diff_vs_hooks"]}
         final = run.finish(model=ses.lm.describe(), prompt_sets=[H.describe(), B.describe()], seed=seed,
                            params={"direction": dsource, "split": split, "gen_tokens": gen_tokens, "limit": limit,
-                                   "system": system, "save": str(save) if save else None,
+                                   "system": system, "save": str(save) if save else None, "baseline": baseline,
                                    "refusal_token_ids": ses.refusal_ids},
                            results=results)
     print_summary(sm, f"ablation of {dsource} (layer {meta.get('layer')}, pos {meta.get('pos')}): {final}")
@@ -134,6 +141,44 @@ def ablate(
         console.print(f"saved weight-orthogonalized model to {save} (untied LM head: {ortho_info['untied_lm_head']}; "
                       f"max |logit difference| vs hook ablation {ortho_info['max_abs_logit_diff_vs_hooks']:.2e})")
     console.print(f"wrote {final}")
+
+
+def kl_or_none(ev, base):
+    """Per-prompt KL(base || ev), or None when the baseline's logits were not computed (reused baseline)."""
+    return None if base.logits is None else ev.kl_from(base)
+
+
+def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit):
+    """Per-prompt baseline of prompt set ``ps`` from a score run, checked for the same model, file and settings.
+
+    Returns:
+        :class:`toolkit.evaluation.Evaluation` with ``logits=None``.
+
+    Raises:
+        ToolkitError: not a score run, another model, another prompt file (hash), split, limit or
+            completion length, or the set is missing from the run.
+    """
+    from toolkit.evaluation import Evaluation
+
+    folder, meta = load_run(spec, "score")
+    if (meta.get("model") or {}).get("hash") != lm.model_hash:
+        raise ToolkitError(f"baseline run {folder} was made with another model ({meta['model'].get('id')})")
+    params = meta.get("params", {})
+    if params.get("gen_tokens") != gen_tokens or params.get("split") != split or params.get("limit") != limit:
+        raise ToolkitError(f"baseline run {folder} used split {params.get('split')}, --gen-tokens "
+                           f"{params.get('gen_tokens')}, --limit {params.get('limit')}; this run uses {split}, "
+                           f"{gen_tokens}, {limit}")
+    sets = {p["name"]: p for p in meta.get("prompt_sets", [])}
+    if ps.name not in sets or sets[ps.name]["sha256"] != ps.sha256:
+        raise ToolkitError(f"baseline run {folder} has no scores for prompt set {ps.name} with this file's hash")
+    df = pd.read_csv(folder / "scores.csv", keep_default_na=False)
+    df = df[df["set"] == ps.name].set_index("id")
+    missing = [i for i in ps.ids if i not in df.index]
+    if missing:
+        raise ToolkitError(f"baseline run {folder} lacks prompt {missing[0]} of {ps.name}")
+    df = df.loc[ps.ids]
+    refusals = df["refusal"].map(lambda v: str(v) == "True").to_numpy()
+    return Evaluation(None, df["score"].astype(float).to_numpy(), df["completion"].astype(str).tolist(), refusals)
 
 
 def _save_checkpoint(lm, dest: Path, force: bool) -> None:

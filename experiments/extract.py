@@ -33,6 +33,9 @@ def extract(
     keep: int = typer.Option(8, "--keep", help="candidates passed from screening to the full evaluation"),
     judge_top: int = typer.Option(3, "--judge-top", help="survivors ranked by the marker judge"),
     judge_tokens: int = typer.Option(12, "--judge-tokens", help="greedy tokens judged per completion"),
+    layers: str = typer.Option(None, "--layers", help="restrict candidates to these layers, e.g. '8,10,12' or '6:18'"),
+    positions: str = typer.Option(None, "--positions", help="restrict candidates to these post-instruction "
+                                  "positions, e.g. '-1,-2'"),
     max_layer_frac: float = typer.Option(0.8, "--max-layer-frac", help="skip layers >= this fraction of depth"),
     kl_max: float = typer.Option(0.1, "--kl-max", help="discard candidates with harmless KL above this (nats)"),
     induce_min: str = typer.Option("auto", "--induce-min", help="discard candidates with induce below this; "
@@ -62,8 +65,10 @@ def extract(
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r = ses.runner
         t0 = time.time()
+        lay = parse_int_list(layers, "--layers") if layers else None
+        pos = parse_int_list(positions, "--positions") if positions else None
         cands = build_candidates(r, r.encode(h_train.prompts), r.encode(b_train.prompts), ses.refusal_ids,
-                                 filter_by=filter_by, judge_tokens=judge_tokens)
+                                 filter_by=filter_by, judge_tokens=judge_tokens, layers=lay, positions=pos)
         run.time("candidates", time.time() - t0)
         console.print(f"training prompts kept by the filter: harmful {len(cands.harmful_kept)}/{len(h_train)}, "
                       f"harmless {len(cands.harmless_kept)}/{len(b_train)}")
@@ -111,3 +116,18 @@ def extract(
               f"(baseline {sel.baseline['harmful_val_refusal']:.2f})")
     out.print(f"evaluated: {stages}")
     console.print(f"wrote {final}")
+
+
+def parse_int_list(text: str, opt: str) -> list[int]:
+    """Parse ``'1,2,5'`` or ``'4:8'`` (half-open range) into a list of ints.
+
+    Raises:
+        ToolkitError: not integers.
+    """
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return list(range(int(a), int(b)))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ToolkitError(f"{opt} must be integers like '1,2,5' or '4:8', got {text!r}") from None

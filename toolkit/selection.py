@@ -33,6 +33,7 @@ import torch
 
 from .errors import ToolkitError
 from .evaluation import Evaluation, evaluate
+from .hooks import check_layer
 from .interventions import activation_addition, directional_ablation
 from .runner import Encoded, Runner
 
@@ -241,7 +242,8 @@ class Candidates:
 
 
 def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusal_ids: list[int],
-                     filter_by: str = "judge", judge_tokens: int = 12) -> Candidates:
+                     filter_by: str = "judge", judge_tokens: int = 12, layers: list[int] | None = None,
+                     positions: list[int] | None = None) -> Candidates:
     """Difference-in-means at ``resid_pre`` of every layer x post-instruction position (Arditi et al. 2024).
 
     The training prompts are filtered first: with ``filter_by="judge"`` harmful prompts whose greedy
@@ -250,13 +252,24 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
     Activations are read in the same pass that produces the baseline (generation's prefill), so filtering costs
     no extra forward pass. Means are accumulated in float64.
 
+    ``layers``/``positions`` restrict the candidates (default: every layer, every post-instruction position).
+
     Raises:
-        ToolkitError: unknown filter, or a side with no prompt left after filtering.
+        ToolkitError: unknown filter, a layer or position out of range, or a side with no prompt left after
+            filtering.
     """
     if filter_by not in ("judge", "score", "none"):
         raise ToolkitError(f"filter must be judge, score or none, got {filter_by!r}")
-    layers = list(range(runner.lm.n_layers))
-    positions = runner.fmt.post_positions()
+    n, post = runner.lm.n_layers, runner.fmt.post_positions()
+    layers = list(range(n)) if layers is None else sorted({check_layer(runner.model, l) for l in layers})
+    if positions is None:
+        positions = post
+    else:
+        bad = [p for p in positions if p not in post]
+        if bad:
+            raise ToolkitError(f"position {bad[0]} is not a post-instruction position of this template "
+                               f"({post[0]}..{post[-1]})")
+        positions = sorted(set(positions))
     with runner.capture(len(harmful), layers, ["resid_pre"], positions) as acts_h:
         ev_h = evaluate(runner, harmful, refusal_ids, judge_tokens if filter_by == "judge" else 0,
                         desc="harmful train")
