@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from dataclasses import dataclass
 
@@ -71,8 +70,6 @@ def open_session(model: str | None, dtype: str, device: str, batch_size: int, sy
     from toolkit.templates import ChatFormat
 
     torch.manual_seed(seed)
-    if quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
     _quiet_libraries()
     with console.status(f"loading model {model or 'default'}"):
         lm = load_model(model, dtype=dtype, device=device)

@@ -30,7 +30,8 @@ def extract(
     select_by: str = typer.Option("judge", "--select-by", help="judge (marker judge on short completions "
                                   "among the best survivors) or score (lowest bypass score, Arditi)"),
     screen_n: int = typer.Option(8, "--screen-n", help="refused harmful val prompts used to screen candidates"),
-    keep: int = typer.Option(8, "--keep", help="candidates passed from screening to the full evaluation"),
+    keep: int = typer.Option(4, "--keep", help="stop the full evaluation once this many candidates pass KL"),
+    max_full: int = typer.Option(16, "--max-full", help="most candidates given the full evaluation"),
     judge_top: int = typer.Option(3, "--judge-top", help="survivors ranked by the marker judge"),
     judge_tokens: int = typer.Option(12, "--judge-tokens", help="greedy tokens judged per completion"),
     layers: str = typer.Option(None, "--layers", help="restrict candidates to these layers, e.g. '8,10,12' or '6:18'"),
@@ -50,7 +51,7 @@ def extract(
     candidate: how far it got, why it stopped, its measures), direction.safetensors (the chosen raw direction and
     its metadata) and run.json.
     """
-    cfg = SelectionConfig(max_layer_frac=max_layer_frac, kl_max=kl_max, screen_n=screen_n, keep=keep,
+    cfg = SelectionConfig(max_layer_frac=max_layer_frac, kl_max=kl_max, screen_n=screen_n, keep=keep, max_full=max_full,
                           judge_top=judge_top, judge_tokens=judge_tokens, select_by=select_by)
     cfg.check()
     if induce_min != "auto":

@@ -50,7 +50,8 @@ def test_main_job_on_default_model(runs):
     meta = json.loads((runs / "extract" / "it" / "run.json").read_text())
     assert meta["model"]["hash"] == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
-    _ok(cli.invoke(app, ["ablate", "--direction", str(runs / "extract" / "it"), "--name", "it", "--quiet"]))
+    _ok(cli.invoke(app, ["ablate", "--direction", str(runs / "extract" / "it"), "--baseline",
+                         str(runs / "score" / "it"), "--name", "it", "--quiet"]))
     ab = pd.read_csv(runs / "ablate" / "it" / "summary.csv").set_index(["set", "condition"])
     before = ab.loc[("harmful", "baseline"), "refusal_rate"]
     after = ab.loc[("harmful", "ablated"), "refusal_rate"]

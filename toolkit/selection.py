@@ -13,9 +13,11 @@ On two CPU cores that is hours for a 24-layer model, so the search here is stage
 1. ``layer_filter``: candidates at ``layer >= max_layer_frac * n_layers`` are skipped (Arditi's filter,
    applied before any evaluation since it would discard them anyway).
 2. ``screen``: every remaining candidate's ``bypass`` on a small screening subset of harmful validation prompts
-   the model refuses (one pass each). Only the ``keep`` lowest go on (successive halving).
-3. ``full``: ``bypass`` on all harmful validation prompts, ``kl`` and ``induce`` on the harmless ones, then
-   Arditi's filters.
+   the model refuses (one pass each), which orders the candidates for the next stage.
+3. ``full``: walking down the screening order, ``kl`` on the harmless validation prompts first (a candidate
+   over ``kl_max`` is discarded by Arditi's filter anyway, so its other two passes are skipped), then ``bypass``
+   on all harmful and ``induce`` on the harmless validation prompts, until ``keep`` candidates have passed
+   the KL filter or ``max_full`` have been tried; then Arditi's induce filter.
 4. ``judge`` (``select_by="judge"``): the logit score ranks candidates poorly on some models (a low ``I``/``As``
    probability does not mean the model complies), so the ``judge_top`` best survivors are ranked by the
    marker judge's refusal rate on short greedy completions of the harmful validation prompts, ties broken by
@@ -46,7 +48,8 @@ class SelectionConfig:
         max_layer_frac: Arditi's layer filter, ``layer < int(max_layer_frac * n_layers)``.
         kl_max: Arditi's KL filter (nats).
         screen_n: harmful validation prompts (refused at baseline) in the screening stage.
-        keep: candidates passed from screening to the full evaluation.
+        keep: candidates that must pass the KL filter before the full evaluation stops.
+        max_full: most candidates given the full evaluation (KL first).
         judge_top: survivors ranked by the marker judge (``select_by="judge"``).
         judge_tokens: greedy tokens per completion for the judge.
         select_by: ``"judge"`` or ``"score"``.
@@ -57,7 +60,8 @@ class SelectionConfig:
     max_layer_frac: float = 0.8
     kl_max: float = 0.1
     screen_n: int = 8
-    keep: int = 8
+    keep: int = 4
+    max_full: int = 16
     judge_top: int = 3
     judge_tokens: int = 12
     select_by: str = "judge"
@@ -69,8 +73,8 @@ class SelectionConfig:
             raise ToolkitError(f"select-by must be 'judge' or 'score', got {self.select_by!r}")
         if not 0 < self.max_layer_frac <= 1:
             raise ToolkitError("max layer fraction must be in (0, 1]")
-        if min(self.screen_n, self.keep, self.judge_top, self.judge_tokens) < 1:
-            raise ToolkitError("screen, keep, judge-top and judge-tokens must be >= 1")
+        if min(self.screen_n, self.keep, self.max_full, self.judge_top, self.judge_tokens) < 1:
+            raise ToolkitError("screen-n, keep, max-full, judge-top and judge-tokens must be >= 1")
 
 
 @dataclass
@@ -153,24 +157,31 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
     t["screen"] = time.time() - t0
     log(f"screening took {t['screen']:.0f} s")
     order = df.loc[todo].sort_values("bypass_screen").index.tolist()
-    full = order[: cfg.keep]
-    df.loc[order[cfg.keep:], "status"] = f"pruned: bypass_screen not in best {cfg.keep}"
 
-    # Stage 3: Arditi's three measures on the survivors. KL first: a candidate over the KL limit is
-    # discarded by Arditi's filter whatever its bypass and induce, so those two passes are skipped for it.
+    # Stage 3: Arditi's three measures, walking down the screening order. KL first: a candidate over the KL
+    # limit is discarded by Arditi's filter whatever its bypass and induce, so those passes are skipped for it.
+    # The walk stops once `keep` candidates have passed the KL filter or `max_full` have been tried.
     t0 = time.time()
-    log(f"full evaluation of {len(full)} candidates")
-    for k, i in enumerate(full):
+    log(f"full evaluation: walking the screening order until {cfg.keep} candidates pass KL <= {cfg.kl_max} "
+        f"(at most {cfg.max_full} tried)")
+    n_ok = n_tried = 0
+    for i in order:
+        if n_ok >= cfg.keep or n_tried >= cfg.max_full:
+            df.at[i, "status"] = (f"pruned: {cfg.keep} better-screened candidates passed KL" if n_ok >= cfg.keep
+                                  else f"pruned: full-evaluation budget of {cfg.max_full} spent")
+            continue
+        n_tried += 1
         li, pi = int(df.at[i, "_li"]), int(df.at[i, "_pi"])
-        ev_b = ablated(harmless_val, i, desc=f"kl {k + 1}/{len(full)}")
+        ev_b = ablated(harmless_val, i, desc=f"kl {n_tried}")
         kl = float(ev_b.kl_from(base_b).mean())
         df.loc[i, ["stage", "kl"]] = ["full", kl]
         if not np.isfinite(kl) or kl > cfg.kl_max:
             df.at[i, "status"] = f"filtered: kl > {cfg.kl_max} (bypass, induce not evaluated)"
             continue
-        ev_h = ablated(harmful_val, i, desc=f"bypass {k + 1}/{len(full)}")
+        n_ok += 1
+        ev_h = ablated(harmful_val, i, desc=f"bypass {n_tried}")
         with activation_addition(runner.model, dirs[li, pi].float(), [int(df.at[i, "layer"])], alpha=1.0):
-            ev_i = evaluate(runner, harmless_val, refusal_ids, 0, desc=f"induce {k + 1}/{len(full)}")
+            ev_i = evaluate(runner, harmless_val, refusal_ids, 0, desc=f"induce {n_tried}")
         df.loc[i, ["bypass", "induce"]] = [float(ev_h.scores.mean()), float(ev_i.scores.mean())]
         df.at[i, "status"] = "filtered: NaN" if not np.isfinite(df.loc[i, ["bypass", "induce"]].astype(float)).all() \
             else "measured"
