@@ -170,12 +170,25 @@ class _Phase:
     ``"prompt"``: the rest of the prompt, which holds every addressed position; ``"generate"``: decode steps.
     Interventions addressed to prompt positions act only in the ``"prompt"`` phase; those at all
     positions act in every phase. Outside a Runner the phase is ``"prompt"``.
+
+    ``min_len``: during a Runner's prompt pass, the shortest real (unpadded) length in the batch, so that
+    position-addressed hooks can refuse positions that would land on left padding; None elsewhere.
+    ``depths``: how deep (``-min(positions)``) each active position-addressed intervention reaches; the Runner
+    keeps at least that many tokens of every prompt out of the shared prefix.
     """
 
     value = "prompt"
+    min_len: int | None = None
+    depths: list = []
 
 
 PHASE = _Phase()
+PHASE.depths = []
+
+
+def required_depth() -> int:
+    """Deepest prompt position addressed by an active intervention (0 if none)."""
+    return max(PHASE.depths, default=0)
 
 
 @contextlib.contextmanager

@@ -95,6 +95,7 @@ def activation_addition(model: nn.Module, vector: torch.Tensor, layers: Sequence
         if not positions or any(p >= 0 for p in positions):
             raise ToolkitError("positions must be negative indices from the end of the prompt, e.g. -1")
     pos_t = torch.tensor(positions) if positions is not None else None
+    depth = -min(positions) if positions is not None else 0
 
     def fn(x):
         delta = (alpha * v).to(device=x.device, dtype=x.dtype)
@@ -102,14 +103,19 @@ def activation_addition(model: nn.Module, vector: torch.Tensor, layers: Sequence
             return x + delta
         if PHASE.value != "prompt":
             return None
-        if x.shape[1] < -int(pos_t.min()):
-            raise ToolkitError(f"position {int(pos_t.min())} is beyond a prompt of {x.shape[1]} tokens")
+        shortest = x.shape[1] if PHASE.min_len is None else PHASE.min_len
+        if shortest < depth:
+            raise ToolkitError(f"position {-depth} is beyond a prompt of {shortest} tokens")
         x = x.clone()
         x[:, pos_t.to(x.device)] += delta
         return x
 
-    with hooked(model, [(site, l, fn) for l in layers]):
-        yield
+    PHASE.depths.append(depth)
+    try:
+        with hooked(model, [(site, l, fn) for l in layers]):
+            yield
+    finally:
+        PHASE.depths.remove(depth)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .activations import Batch, make_batches
 from .errors import ToolkitError
-from .hooks import PHASE, SITES, StopForward, check_layer, hooked, phase
+from .hooks import PHASE, SITES, StopForward, check_layer, hooked, phase, required_depth
 from .models import LoadedModel
 from .templates import ChatFormat
 
@@ -105,13 +105,26 @@ class Runner:
             raise ToolkitError("a prompt is empty")
         ids = self.fmt.encode(list(instructions))
         keep = max(keep or 0, self.fmt.n_post + 1)
-        p = shared_prefix_len(ids, keep) if self.share_prefix else 0
+        p = shared_prefix_len(ids, keep) if self._can_share(ids) else 0
         return Encoded(ids, p)
+
+    def _can_share(self, ids: Sequence[Sequence[int]]) -> bool:
+        """Prefix sharing puts left padding between the prefix and the rest; with sliding-window attention
+        (Gemma 2/3, Mistral) that padding could push prefix tokens out of the window, so sharing is used only
+        when the longest prompt plus 512 generated tokens stays inside the window."""
+        if not self.share_prefix:
+            return False
+        cfg = self.model.config.get_text_config()
+        types = getattr(cfg, "layer_types", None) or []
+        window = getattr(cfg, "sliding_window", None)
+        sliding = any("sliding" in str(t) for t in types) if types else \
+            (window is not None and getattr(cfg, "use_sliding_window", True))
+        return not sliding or (window is not None and max(map(len, ids)) + 512 < window)
 
     def _ensure_depth(self, enc: Encoded, depth: int) -> Encoded:
         if all(len(s) >= depth for s in enc.suffixes):
             return enc
-        p = shared_prefix_len(enc.ids, depth) if self.share_prefix else 0
+        p = shared_prefix_len(enc.ids, depth) if enc.prefix_len else 0
         if any(len(x) < depth for x in enc.ids):
             raise ToolkitError(f"position {-depth} is beyond the shortest prompt ({min(map(len, enc.ids))} tokens)")
         return Encoded(enc.ids, p)
@@ -150,6 +163,20 @@ class Runner:
         kw["attention_mask"] = mask
         return kw
 
+    @contextlib.contextmanager
+    def _pass(self) -> Iterator[None]:
+        """Inference mode for one call; clears the per-batch state on exit, errors included."""
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            PHASE.min_len = None
+
+    def _start(self, b: Batch) -> None:
+        """Record the batch's rows (for captures) and its shortest real length (for position checks)."""
+        self._rows = torch.tensor(b.index)
+        PHASE.min_len = int(b.attention_mask.sum(1).min())
+
     def _count(self, enc: Encoded, b: Batch, bar) -> None:
         n = sum(len(enc.ids[i]) for i in b.index)
         bar.update(n)
@@ -167,11 +194,12 @@ class Runner:
         LM head (``logits_to_keep=1``).
         """
         out = None
-        with torch.inference_mode():
+        enc = self._ensure_depth(enc, required_depth())
+        with self._pass():
             cache = self._prefix_cache(enc)
             bar = self._bar(enc, desc)
             for b in self._batches(enc):
-                self._rows = torch.tensor(b.index)
+                self._start(b)
                 logits = self.model(**self._inputs(enc, b, cache), use_cache=cache is not None,
                                     logits_to_keep=1).logits[:, -1].float().cpu()
                 if out is None:
@@ -260,12 +288,12 @@ class Runner:
         """
         positions = list(positions)
         if positions and all(p < 0 for p in positions):
-            enc = self._ensure_depth(enc, -min(positions))
-        with torch.inference_mode(), self.capture(len(enc), layers, sites, positions, reduce=reduce, stop=True) as out:
+            enc = self._ensure_depth(enc, max(-min(positions), required_depth()))
+        with self._pass(), self.capture(len(enc), layers, sites, positions, reduce=reduce, stop=True) as out:
             cache = self._prefix_cache(enc)
             bar = self._bar(enc, desc)
             for b in self._batches(enc):
-                self._rows = torch.tensor(b.index)
+                self._start(b)
                 try:
                     self.model(**self._inputs(enc, b, cache), use_cache=cache is not None)
                 except StopForward:
@@ -292,11 +320,12 @@ class Runner:
         first = None
         tok = self.lm.tokenizer
         eos = self.model.generation_config.eos_token_id
-        with torch.inference_mode():
+        enc = self._ensure_depth(enc, required_depth())
+        with self._pass():
             cache = self._prefix_cache(enc)
             bar = self._bar(enc, desc)
             for b in self._batches(enc):
-                self._rows = torch.tensor(b.index)
+                self._start(b)
                 kw = self._inputs(enc, b, cache)
                 n = b.input_ids.shape[0]
                 if cache is not None:
