@@ -172,6 +172,22 @@ class Runner:
         finally:
             PHASE.min_len = None
 
+    def _iterate(self, enc: Encoded, desc: str) -> Iterator[tuple[Batch, object]]:
+        """Yield ``(batch, prefix cache)`` for each batch, in inference mode, with a progress bar.
+
+        The prefix cache is computed once per call under the hooks active now (None without sharing).
+        """
+        with self._pass():
+            cache = self._prefix_cache(enc)
+            bar = self._bar(enc, desc)
+            try:
+                for b in self._batches(enc):
+                    self._start(b)
+                    yield b, cache
+                    self._count(enc, b, bar)
+            finally:
+                bar.close()
+
     def _start(self, b: Batch) -> None:
         """Record the batch's rows (for captures) and its shortest real length (for position checks)."""
         self._rows = torch.tensor(b.index)
@@ -195,18 +211,12 @@ class Runner:
         """
         out = None
         enc = self._ensure_depth(enc, required_depth())
-        with self._pass():
-            cache = self._prefix_cache(enc)
-            bar = self._bar(enc, desc)
-            for b in self._batches(enc):
-                self._start(b)
-                logits = self.model(**self._inputs(enc, b, cache), use_cache=cache is not None,
-                                    logits_to_keep=1).logits[:, -1].float().cpu()
-                if out is None:
-                    out = torch.empty((len(enc), logits.shape[-1]), dtype=torch.float32)
-                out[torch.tensor(b.index)] = logits
-                self._count(enc, b, bar)
-            bar.close()
+        for b, cache in self._iterate(enc, desc):
+            logits = self.model(**self._inputs(enc, b, cache), use_cache=cache is not None,
+                                logits_to_keep=1).logits[:, -1].float().cpu()
+            if out is None:
+                out = torch.empty((len(enc), logits.shape[-1]), dtype=torch.float32)
+            out[torch.tensor(b.index)] = logits
         return out
 
     @contextlib.contextmanager
@@ -289,17 +299,12 @@ class Runner:
         positions = list(positions)
         if positions and all(p < 0 for p in positions):
             enc = self._ensure_depth(enc, max(-min(positions), required_depth()))
-        with self._pass(), self.capture(len(enc), layers, sites, positions, reduce=reduce, stop=True) as out:
-            cache = self._prefix_cache(enc)
-            bar = self._bar(enc, desc)
-            for b in self._batches(enc):
-                self._start(b)
+        with self.capture(len(enc), layers, sites, positions, reduce=reduce, stop=True) as out:
+            for b, cache in self._iterate(enc, desc):
                 try:
                     self.model(**self._inputs(enc, b, cache), use_cache=cache is not None)
                 except StopForward:
                     pass
-                self._count(enc, b, bar)
-            bar.close()
         return out
 
     def generate(self, enc: Encoded, max_new_tokens: int, desc: str = "generate") -> tuple[list[str], torch.Tensor]:
@@ -321,41 +326,35 @@ class Runner:
         tok = self.lm.tokenizer
         eos = self.model.generation_config.eos_token_id
         enc = self._ensure_depth(enc, required_depth())
-        with self._pass():
-            cache = self._prefix_cache(enc)
-            bar = self._bar(enc, desc)
-            for b in self._batches(enc):
-                self._start(b)
-                kw = self._inputs(enc, b, cache)
-                n = b.input_ids.shape[0]
-                if cache is not None:
-                    pre = torch.tensor([enc.prefix] * n, device=self.lm.device)
-                    kw["input_ids"] = torch.cat([pre, kw["input_ids"]], 1)
-                kw.pop("position_ids")
-                calls = {"n": 0}
+        for b, cache in self._iterate(enc, desc):
+            kw = self._inputs(enc, b, cache)
+            n = b.input_ids.shape[0]
+            if cache is not None:
+                pre = torch.tensor([enc.prefix] * n, device=self.lm.device)
+                kw["input_ids"] = torch.cat([pre, kw["input_ids"]], 1)
+            kw.pop("position_ids")
+            calls = {"n": 0}
 
-                def set_phase(mod, args, kwargs):
-                    PHASE.value = "prompt" if calls["n"] == 0 else "generate"
-                    calls["n"] += 1
+            def set_phase(mod, args, kwargs):
+                PHASE.value = "prompt" if calls["n"] == 0 else "generate"
+                calls["n"] += 1
 
-                h = self.model.register_forward_pre_hook(set_phase, with_kwargs=True)
-                try:
-                    res = self.model.generate(
-                        **kw, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                        top_k=None, output_logits=True, return_dict_in_generate=True, pad_token_id=self.pad_id,
-                        eos_token_id=eos,
-                    )
-                finally:
-                    h.remove()
-                    PHASE.value = "prompt"
-                width = kw["input_ids"].shape[1]
-                new = res.sequences[:, width:]
-                for r, i in enumerate(b.index):
-                    texts[i] = tok.decode(new[r], skip_special_tokens=True)
-                lg = res.logits[0].float().cpu()
-                if first is None:
-                    first = torch.empty((len(enc), lg.shape[-1]), dtype=torch.float32)
-                first[torch.tensor(b.index)] = lg
-                self._count(enc, b, bar)
-            bar.close()
+            h = self.model.register_forward_pre_hook(set_phase, with_kwargs=True)
+            try:
+                res = self.model.generate(
+                    **kw, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                    top_k=None, output_logits=True, return_dict_in_generate=True, pad_token_id=self.pad_id,
+                    eos_token_id=eos,
+                )
+            finally:
+                h.remove()
+                PHASE.value = "prompt"
+            width = kw["input_ids"].shape[1]
+            new = res.sequences[:, width:]
+            for r, i in enumerate(b.index):
+                texts[i] = tok.decode(new[r], skip_special_tokens=True)
+            lg = res.logits[0].float().cpu()
+            if first is None:
+                first = torch.empty((len(enc), lg.shape[-1]), dtype=torch.float32)
+            first[torch.tensor(b.index)] = lg
         return texts, first
