@@ -29,16 +29,17 @@ def extract(
                                   "refuses by marker judge), score (refusal score > 0, Arditi), none"),
     select_by: str = typer.Option("judge", "--select-by", help="judge (marker judge on short completions "
                                   "among the best survivors) or score (lowest bypass score, Arditi)"),
-    screen_n: int = typer.Option(8, "--screen-n", help="refused harmful val prompts used to screen candidates"),
-    keep: int = typer.Option(4, "--keep", help="stop the full evaluation once this many candidates pass KL"),
-    max_full: int = typer.Option(16, "--max-full", help="most candidates given the full evaluation"),
+    screen_n: int = typer.Option(6, "--screen-n", help="refused harmful val prompts used to screen candidates"),
+    keep: int = typer.Option(3, "--keep", help="stop the full evaluation once this many candidates pass KL"),
+    max_full: int = typer.Option(12, "--max-full", help="most candidates given the full evaluation"),
     judge_top: int = typer.Option(3, "--judge-top", help="survivors ranked by the marker judge"),
     judge_tokens: int = typer.Option(12, "--judge-tokens", help="greedy tokens judged per completion"),
     layers: str = typer.Option(None, "--layers", help="restrict candidates to these layers, e.g. '8,10,12' or '6:18'"),
     positions: str = typer.Option(None, "--positions", help="restrict candidates to these post-instruction "
                                   "positions, e.g. '-1,-2'"),
     max_layer_frac: float = typer.Option(0.8, "--max-layer-frac", help="skip layers >= this fraction of depth"),
-    kl_max: float = typer.Option(0.1, "--kl-max", help="discard candidates with harmless KL above this (nats)"),
+    kl_max: float = typer.Option(0.15, "--kl-max", help="discard candidates with mean harmless KL above this "
+                                 "(nats; Arditi et al. use 0.1)"),
     induce_min: str = typer.Option("auto", "--induce-min", help="discard candidates with induce below this; "
                                    "'auto' = 0 (Arditi) relaxed to the harmless baseline score if nothing passes"),
     model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,

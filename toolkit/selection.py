@@ -46,7 +46,9 @@ class SelectionConfig:
 
     Attributes:
         max_layer_frac: Arditi's layer filter, ``layer < int(max_layer_frac * n_layers)``.
-        kl_max: Arditi's KL filter (nats).
+        kl_max: the KL filter (nats). Arditi et al. use 0.1; on the default model every candidate that removes
+            refusal has a mean validation KL between 0.12 and 0.25 (median per prompt about 0.05), so 0.1 keeps
+            none of them and the default here is 0.15 (``--kl-max 0.1`` reproduces the paper).
         screen_n: harmful validation prompts (refused at baseline) in the screening stage.
         keep: candidates that must pass the KL filter before the full evaluation stops.
         max_full: most candidates given the full evaluation (KL first).
@@ -58,10 +60,10 @@ class SelectionConfig:
     """
 
     max_layer_frac: float = 0.8
-    kl_max: float = 0.1
-    screen_n: int = 8
-    keep: int = 4
-    max_full: int = 16
+    kl_max: float = 0.15
+    screen_n: int = 6
+    keep: int = 3
+    max_full: int = 12
     judge_top: int = 3
     judge_tokens: int = 12
     select_by: str = "judge"
