@@ -15,7 +15,7 @@ from toolkit.errors import ToolkitError
 from toolkit.stats import rate_summary
 
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)  # wide tables when piped
 
 # ---------------------------------------------------------------------------------------------- options
 ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face id, local folder or .gguf file "
@@ -28,7 +28,7 @@ NameOpt = typer.Option(None, "--name", help="run name under runs/<command>/ [def
 ForceOpt = typer.Option(False, "--force", help="replace an existing run of the same name")
 SeedOpt = typer.Option(0, "--seed", help="random seed (recorded; greedy decoding is deterministic)")
 SystemOpt = typer.Option(None, "--system", help="system prompt [default: the chat template's own behaviour]")
-GenOpt = typer.Option(16, "--gen-tokens", help="greedy completion length judged by the refusal markers")
+GenOpt = typer.Option(12, "--gen-tokens", help="greedy completion length judged by the refusal markers")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars")
 
 

@@ -80,6 +80,9 @@ def extract(
         run.time("selection", time.time() - t0)
         run.write_csv("selection.csv", sel.table)
         if sel.chosen is None:
+            tried = sel.table[sel.table.stage == "full"][["layer", "pos", "bypass_screen", "kl", "bypass", "induce",
+                                                           "status"]]
+            console.print(f"candidates given the full evaluation:\n{tried.to_string(index=False)}", highlight=False)
             raise ToolkitError("no candidate direction passed the filters; inspect with a larger --keep, "
                                "--kl-max or --induce-min")
         layer, pos = sel.chosen
