@@ -8,7 +8,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import typer
 
@@ -100,7 +99,7 @@ def ablate(
             abl_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="ablated harmful")
             abl_b = evaluate(r, eb, ses.refusal_ids, gen_tokens, desc="ablated harmless")
         run.time("ablated", time.time() - t0)
-        conds = [("baseline", H, base_h, None), ("baseline", B, base_b, np.zeros(len(B))),
+        conds = [("baseline", H, base_h, None), ("baseline", B, base_b, None),
                  ("ablated", H, abl_h, kl_or_none(abl_h, base_h)), ("ablated", B, abl_b, abl_b.kl_from(base_b))]
         ortho_info = None
         if save is not None:

@@ -116,10 +116,12 @@ def print_summary(df: pd.DataFrame, title: str, extra_cols: tuple[str, ...] = ()
     for c in cols:
         t.add_column(c, justify="right" if c in ("n", "mean score", "KL") else "left")
     for _, r in df.iterrows():
-        rate = "-" if pd.isna(r.get("refusal_rate")) else \
-            f"{r['refusal_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+        rate = "-" if pd.isna(r.get("refusal_rate")) else f"{r['refusal_rate']:.2f}"
+        if rate != "-" and not pd.isna(r.get("ci_low")):
+            rate += f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
         kl = "-" if pd.isna(r.get("mean_kl")) else f"{r['mean_kl']:.3f}"
+        score = "-" if pd.isna(r.get("mean_score")) else f"{r['mean_score']:.2f}"
         vals = [str(r[c]) for c in extra_cols] + [str(r["set"]), str(r["split"]), str(r["condition"]),
-                                                   str(int(r["n"])), rate, f"{r['mean_score']:.2f}", kl]
+                                                   str(int(r["n"])), rate, score, kl]
         t.add_row(*vals)
     out.print(t)

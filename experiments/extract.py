@@ -14,6 +14,7 @@ from toolkit.errors import ToolkitError
 from toolkit.prompts import load_prompt_set
 from toolkit.runs import Run
 from toolkit.selection import SelectionConfig, build_candidates, select_direction
+from toolkit.stats import rate_ci
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
                      console, handle_errors, open_session, out)
@@ -97,12 +98,24 @@ def extract(
                 "method": "difference-in-means (Arditi et al. 2024)"}
         save_direction(run.path("direction.safetensors"), direction, meta)
         chosen_row = sel.table[(sel.table.layer == layer) & (sel.table.pos == pos)].iloc[0].to_dict()
-        pd.DataFrame([{"set": h_val.name, "split": "val", "condition": "baseline", "n": len(h_val),
-                       "refusal_rate": sel.baseline["harmful_val_refusal"],
-                       "mean_score": sel.baseline["harmful_val_score"]},
-                      {"set": h_val.name, "split": "val", "condition": f"ablate L{layer} p{pos}", "n": len(h_val),
-                       "refusal_rate": chosen_row.get("judge_refusal"), "mean_score": chosen_row["bypass"],
-                       "mean_kl": chosen_row["kl"]}]).to_csv(run.path("summary.csv"), index=False)
+        cond = f"ablate L{layer} p{pos}"
+        summary = pd.DataFrame([
+            {"set": h_val.name, "split": "val", "condition": "baseline", "n": len(h_val),
+             "refusal_rate": sel.baseline["harmful_val_refusal"], "mean_score": sel.baseline["harmful_val_score"]},
+            {"set": b_val.name, "split": "val", "condition": "baseline", "n": len(b_val),
+             "mean_score": sel.baseline["harmless_val_score"]},
+            {"set": h_val.name, "split": "val", "condition": cond, "n": len(h_val),
+             "refusal_rate": chosen_row.get("judge_refusal"), "mean_score": chosen_row["bypass"]},
+            {"set": b_val.name, "split": "val", "condition": cond, "n": len(b_val),
+             "mean_score": chosen_row["harmless_score"], "mean_kl": chosen_row["kl"]},
+        ])
+        for col in ("ci_low", "ci_high"):
+            summary[col] = None
+        for i, row in summary.iterrows():  # Wilson 95 % intervals for the judged rates
+            if pd.notna(row.get("refusal_rate")):
+                _, lo, hi = rate_ci(round(row["refusal_rate"] * row["n"]), int(row["n"]))
+                summary.loc[i, ["ci_low", "ci_high"]] = [lo, hi]
+        summary.to_csv(run.path("summary.csv"), index=False)
         stages = sel.table.stage.value_counts().to_dict()
         results = {"chosen": {"layer": layer, "pos": pos, "norm": meta["norm"], **{k: chosen_row[k] for k in
                               ("bypass", "induce", "kl", "judge_refusal", "bypass_screen")}},

@@ -135,7 +135,7 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
         for pi, pos in enumerate(positions):
             rows.append({"layer": layer, "pos": pos, "norm": float(dirs[li, pi].norm()), "stage": "none",
                          "status": "", "bypass_screen": np.nan, "bypass": np.nan, "induce": np.nan,
-                         "kl": np.nan, "judge_refusal": np.nan, "_li": li, "_pi": pi})
+                         "kl": np.nan, "harmless_score": np.nan, "judge_refusal": np.nan, "_li": li, "_pi": pi})
     df = pd.DataFrame(rows)
     limit = int(cfg.max_layer_frac * n_layers_model)
     df.loc[df.layer >= limit, ["stage", "status"]] = ["layer_filter", f"skipped: layer >= {limit}"]
@@ -176,7 +176,7 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
         li, pi = int(df.at[i, "_li"]), int(df.at[i, "_pi"])
         ev_b = ablated(harmless_val, i, desc=f"kl {n_tried}")
         kl = float(ev_b.kl_from(base_b).mean())
-        df.loc[i, ["stage", "kl"]] = ["full", kl]
+        df.loc[i, ["stage", "kl", "harmless_score"]] = ["full", kl, float(ev_b.scores.mean())]
         if not np.isfinite(kl) or kl > cfg.kl_max:
             df.at[i, "status"] = f"filtered: kl > {cfg.kl_max} (bypass, induce not evaluated)"
             continue
