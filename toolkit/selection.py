@@ -19,9 +19,10 @@ On two CPU cores that is hours for a 24-layer model, so the search here is stage
    on all harmful and ``induce`` on the harmless validation prompts, until ``keep`` candidates have passed
    the KL filter or ``max_full`` have been tried; then Arditi's induce filter.
 4. ``judge`` (``select_by="judge"``): the logit score ranks candidates poorly on some models (a low ``I``/``As``
-   probability does not mean the model complies), so the ``judge_top`` best survivors are ranked by the
-   marker judge's refusal rate on short greedy completions of the harmful validation prompts, ties broken by
-   ``bypass``. With ``select_by="score"`` the lowest ``bypass`` wins, as in the paper.
+   probability does not mean the model complies), so the ``judge_top`` survivors with the lowest ``bypass`` are
+   ranked by the marker judge's refusal rate on short greedy completions of the harmful validation prompts
+   (generated in the bypass pass itself), ties broken by ``bypass``. With ``select_by="score"`` the lowest
+   ``bypass`` wins, as in the paper.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
         :class:`Selection`.
 
     Raises:
-        ToolkitError: no candidate survives the filters (the table is in the message's hint).
+        ToolkitError: bad settings, or the model refuses none of the harmful validation prompts.
     """
     cfg.check()
     n_layers_model = runner.lm.n_layers
@@ -181,7 +182,11 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
             df.at[i, "status"] = f"filtered: kl > {cfg.kl_max} (bypass, induce not evaluated)"
             continue
         n_ok += 1
-        ev_h = ablated(harmful_val, i, desc=f"bypass {n_tried}")
+        # With the judge, the bypass pass is a generation: its first step gives the bypass scores, and the
+        # completions give the judged refusal rate, so no separate judge pass is needed later.
+        ev_h = ablated(harmful_val, i, cfg.judge_tokens if cfg.select_by == "judge" else 0, desc=f"bypass {n_tried}")
+        if ev_h.refusals is not None:
+            df.at[i, "judge_refusal"] = float(ev_h.refusals.mean())
         with activation_addition(runner.model, dirs[li, pi].float(), [int(df.at[i, "layer"])], alpha=1.0):
             ev_i = evaluate(runner, harmless_val, refusal_ids, 0, desc=f"induce {n_tried}")
         df.loc[i, ["bypass", "induce"]] = [float(ev_h.scores.mean()), float(ev_i.scores.mean())]
@@ -206,17 +211,12 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
         df["status"] = df["status"].where(df.status != "", "not evaluated")
         return Selection(df.drop(columns=["_li", "_pi"]), None, {}, {k: round(v, 2) for k, v in t.items()}, rule)
 
-    t0 = time.time()
     if cfg.select_by == "judge":
         top = passed.index[: cfg.judge_top].tolist()
-        log(f"judging {len(top)} candidates on {len(harmful_val)} harmful val completions")
-        for k, i in enumerate(top):
-            ev = ablated(harmful_val, i, cfg.judge_tokens, desc=f"judge {k + 1}/{len(top)}")
-            df.loc[i, ["stage", "judge_refusal"]] = ["judge", float(ev.refusals.mean())]
+        df.loc[top, "stage"] = "judge"
         ranked = df.loc[top].sort_values(["judge_refusal", "bypass"])
     else:
         ranked = passed
-    t["judge"] = time.time() - t0
     best = ranked.index[0]
     df.at[best, "status"] = "chosen"
     chosen = (int(df.at[best, "layer"]), int(df.at[best, "pos"]))
