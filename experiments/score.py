@@ -7,6 +7,7 @@ import time
 import pandas as pd
 import typer
 
+from toolkit.errors import ToolkitError
 from toolkit.evaluation import evaluate
 from toolkit.prompts import load_prompt_set
 from toolkit.runs import Run
@@ -38,7 +39,7 @@ def score(
         has_splits = any(r["split"] for r in ps.records)
         loaded.append((ps.select(split if has_splits else None)).head(limit))
     if gen_tokens < 0:
-        raise_bad("--gen-tokens must be >= 0")
+        raise ToolkitError("--gen-tokens must be >= 0")
     with Run("score", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         rows, summary = [], []
@@ -62,9 +63,3 @@ def score(
     print_summary(sm, f"refusal score: {final}")
     console.print(f"wrote {final}")
 
-
-def raise_bad(msg: str):
-    """Raise a ToolkitError (bad option value)."""
-    from toolkit.errors import ToolkitError
-
-    raise ToolkitError(msg)

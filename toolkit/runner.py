@@ -4,8 +4,8 @@ Every prompt formatted with one chat template starts with the same tokens (syste
 The :class:`Runner` computes that shared prefix once per call, under whatever hooks are active, keeps its
 key/value cache, and runs only the remaining tokens of each prompt in left-padded batches sorted by length.
 Causal attention makes this exact: the prefix's keys and values do not depend on what follows (tested against
-plain forward passes in ``tests/test_runner.py``). Measured on the default model here: about 31 % less time
-per logit pass than full prompts.
+plain forward passes and HF ``generate`` in ``tests/test_engine.py``). Measured on the default model here
+(``scripts/bench.py``): last-position logits at 224 instead of 132 prompt tokens/s.
 """
 
 from __future__ import annotations
