@@ -370,19 +370,12 @@ def test_existing_run_name_needs_force(env, sets, tiny_folder):
     assert json.loads((run / "run.json").read_text())["params"]["limit"] == 2
 
 
-def test_extract_layer_out_of_range(env, sets, tiny_folder):
+@pytest.mark.parametrize("option, value, expected", [("--layers", "99", "99"), ("--positions", "3", "position 3")])
+def test_extract_candidate_out_of_range(env, sets, tiny_folder, option, value, expected):
     h, b = sets
     r = invoke(["extract", "--harmful", h, "--harmless", b, "--model", tiny_folder, *EXTRACT_FAST, *PERMISSIVE,
-                "--layers", "99"])
-    assert_usage_error(r, "99")
-    assert entries(env / "extract") == set()
-
-
-def test_extract_position_not_post_instruction(env, sets, tiny_folder):
-    h, b = sets
-    r = invoke(["extract", "--harmful", h, "--harmless", b, "--model", tiny_folder, *EXTRACT_FAST, *PERMISSIVE,
-                "--positions", "3"])
-    assert_usage_error(r, "position 3")
+                option, value])
+    assert_usage_error(r, expected)
     assert entries(env / "extract") == set()
 
 
