@@ -1,21 +1,17 @@
-"""Batched forward passes: activation collection and last-position logits.
+"""Left-padded batches of token lists, sorted by length (less padding), for :class:`toolkit.runner.Runner`.
 
-Prompts are sorted by token length before batching (less padding), left-padded, and results are returned in
-the caller's order. Collection reads only the requested layers, sites and positions, and ends the forward pass
-with :class:`~toolkit.hooks.StopForward` right after the last needed activation, so later blocks and the LM
-head are never computed. Logit passes ask transformers for the last position only (``logits_to_keep=1``).
+The Runner runs these batches (logits, activation collection, generation) and returns results in the
+caller's order through each batch's ``index``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import ToolkitError
-from .hooks import SITES, StopForward, check_layer, hooked
 
 
 @dataclass
@@ -31,11 +27,6 @@ class Batch:
     index: list[int]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-
-    @property
-    def n_tokens(self) -> int:
-        """Number of real (non-pad) prompt tokens in the batch."""
-        return int(self.attention_mask.sum())
 
 
 def make_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, device=None) -> list[Batch]:

@@ -86,7 +86,6 @@ class Runner:
         self.lm, self.model, self.fmt = lm, lm.model, fmt
         self.batch_size, self.progress, self.share_prefix = batch_size, progress, share_prefix
         self.pad_id = lm.tokenizer.pad_token_id
-        self.tokens_seen = 0
         self._rows = torch.zeros(0, dtype=torch.long)
 
     # ----------------------------------------------------------------------------------------- encoding
@@ -184,7 +183,7 @@ class Runner:
                 for b in self._batches(enc):
                     self._start(b)
                     yield b, cache
-                    self._count(enc, b, bar)
+                    bar.update(sum(len(enc.ids[i]) for i in b.index))
             finally:
                 bar.close()
 
@@ -192,11 +191,6 @@ class Runner:
         """Record the batch's rows (for captures) and its shortest real length (for position checks)."""
         self._rows = torch.tensor(b.index)
         PHASE.min_len = int(b.attention_mask.sum(1).min())
-
-    def _count(self, enc: Encoded, b: Batch, bar) -> None:
-        n = sum(len(enc.ids[i]) for i in b.index)
-        bar.update(n)
-        self.tokens_seen += n
 
     def _bar(self, enc: Encoded, desc: str):
         return tqdm(total=enc.n_tokens, desc=desc, unit="tok", disable=not self.progress, leave=False,
