@@ -6,8 +6,11 @@ import typer
 
 from .ablate import ablate
 from .compare import compare
+from .dose_response import dose_response
 from .extract import extract
 from .score import score
+from .stats import stats_app
+from .steer import steer
 
 app = typer.Typer(
     name="refusal",
@@ -20,6 +23,9 @@ app.command("score")(score)
 app.command("extract")(extract)
 app.command("ablate")(ablate)
 app.command("compare")(compare)
+app.add_typer(stats_app, name="stats")
+app.command("steer")(steer)
+app.command("dose-response")(dose_response)
 
 
 def main() -> None:

@@ -153,14 +153,18 @@ def hooked(model: nn.Module, specs: list[tuple[str, int, HookFn]], *, write: boo
     Raises:
         ToolkitError: unknown site or layer out of range (nothing is left registered).
     """
-    handles = []
+    handles, layers = [], []
     try:
         for site, layer, fn in specs:
             handles.append(add_hook(model, site, layer, fn, write=write))
+            layers.append(check_layer(model, layer))
+            PHASE.layers.append(layers[-1])
         yield
     finally:
         for h in handles:
             h.remove()
+        for l in layers:
+            PHASE.layers.remove(l)
 
 
 class _Phase:
@@ -175,15 +179,32 @@ class _Phase:
     position-addressed hooks can refuse positions that would land on left padding; None elsewhere.
     ``depths``: how deep (``-min(positions)``) each active position-addressed intervention reaches; the Runner
     keeps at least that many tokens of every prompt out of the shared prefix.
+    ``unbounded``: how many active interventions write at every position (directional ablation, activation
+    addition without positions); a Runner context cache (computed without interventions) cannot be reused then.
+    ``layers``: the block index of every hook registered through :func:`hooked` (reads and writes), so that a
+    pass that skips early blocks can refuse hooks it would skip.
     """
 
     value = "prompt"
     min_len: int | None = None
     depths: list = []
+    unbounded: int = 0
+    layers: list = []
 
 
 PHASE = _Phase()
 PHASE.depths = []
+PHASE.layers = []
+
+
+@contextlib.contextmanager
+def unbounded_intervention() -> Iterator[None]:
+    """Mark an intervention that writes at every position (see :attr:`_Phase.unbounded`) while the block runs."""
+    PHASE.unbounded += 1
+    try:
+        yield
+    finally:
+        PHASE.unbounded -= 1
 
 
 def required_depth() -> int:

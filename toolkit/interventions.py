@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ToolkitError
-from .hooks import PHASE, decoder_layers, embedding, has_post_norms, hooked
+from .hooks import PHASE, decoder_layers, embedding, has_post_norms, hooked, unbounded_intervention
 
 
 def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def directional_ablation(model: nn.Module, direction: torch.Tensor, layers: Sequ
         return project_out(x, r_hat)
 
     specs = [(site, l, fn) for l in layers for site in ("resid_pre", "attn_out", "mlp_out")]
-    with hooked(model, specs):
+    with hooked(model, specs), unbounded_intervention():
         yield
 
 
@@ -113,7 +113,11 @@ def activation_addition(model: nn.Module, vector: torch.Tensor, layers: Sequence
     PHASE.depths.append(depth)
     try:
         with hooked(model, [(site, l, fn) for l in layers]):
-            yield
+            if pos_t is None:
+                with unbounded_intervention():
+                    yield
+            else:
+                yield
     finally:
         PHASE.depths.remove(depth)
 

@@ -15,6 +15,7 @@ import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -54,6 +55,35 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@dataclass
+class Context:
+    """Key/value caches of every prompt except its last ``k`` tokens, computed once without interventions.
+
+    Made by :meth:`Runner.context`; passed to :meth:`Runner.logits` so that repeated passes under interventions
+    that act only on the last ``k`` prompt positions (activation addition at post-instruction positions, for
+    instance) compute just those ``k`` tokens: everything before them is unchanged by such an intervention, so
+    the result is exact (tested against full passes).
+
+    With ``start_layer = L > 0`` the trailing tokens' residual stream at ``resid_pre`` of block ``L`` is kept
+    too, and later passes run those tokens through blocks ``L..n_layers-1`` only (blocks before ``L`` are
+    skipped; hooks on them are refused), which is exact when every intervention acts at block ``L`` or later.
+
+    Attributes:
+        enc: the encoded prompts it belongs to.
+        k: number of trailing tokens per prompt left to compute.
+        start_layer: first block computed for those tokens.
+        parts: per batch ``(batch, cache, tail input ids [batch, k], tail positions [batch, k],
+            attention mask [batch, prefix + pos], resid_pre of block start_layer [batch, k, d_model] or None)``.
+        tuple_out: whether the model's blocks return tuples (so skipped blocks can mimic them).
+    """
+
+    enc: Encoded
+    k: int
+    parts: list
+    start_layer: int = 0
+    tuple_out: bool = False
 
 
 def shared_prefix_len(ids: Sequence[Sequence[int]], keep: int) -> int:
@@ -197,12 +227,135 @@ class Runner:
                     dynamic_ncols=True)
 
     # ------------------------------------------------------------------------------------------ passes
-    def logits(self, enc: Encoded, desc: str = "forward") -> torch.Tensor:
+    def context(self, enc: Encoded, k: int, desc: str = "context", start_layer: int = 0) -> Context:
+        """Compute and keep the key/value caches of all but the last ``k`` tokens of every prompt.
+
+        Costs about one forward pass; afterwards ``logits(enc, context=ctx)`` computes only ``k`` tokens per
+        prompt, through blocks ``start_layer`` onwards (see :class:`Context`). Memory:
+        ``2 * n_layers * n_kv_heads * head_dim * prompt_len`` floats per prompt (about 1 MB per 45-token prompt
+        for the default model).
+
+        Raises:
+            ToolkitError: ``k < 1``, ``start_layer`` out of range, a prompt with too few tokens, or an
+                intervention is active (the cache must describe the unmodified model).
+        """
+        if k < 1:
+            raise ToolkitError(f"context needs k >= 1 trailing tokens, got {k}")
+        if PHASE.unbounded or PHASE.depths:
+            raise ToolkitError("compute a context cache without interventions active")
+        start_layer = check_layer(self.model, start_layer)
+        from transformers import DynamicCache
+
+        from .hooks import decoder_layers
+
+        blocks = decoder_layers(self.model)
+        work = self._ensure_depth(enc, k + 1)
+        parts, tuple_out = [], [False]
+
+        def grab(mod, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            grab.value = h.detach().clone()
+            raise StopForward
+
+        def kind(mod, args, out):
+            tuple_out[0] = isinstance(out, tuple)
+
+        for b, cache in self._iterate(work, desc):
+            kw = self._inputs(work, b, cache)
+            c = kw.get("past_key_values") or DynamicCache(config=self.model.config)
+            mask = kw["attention_mask"]
+            h = blocks[0].register_forward_hook(kind)
+            try:
+                self.model(input_ids=kw["input_ids"][:, :-k], position_ids=kw["position_ids"][:, :-k],
+                           attention_mask=mask[:, :-k], past_key_values=c, use_cache=True, logits_to_keep=1)
+            finally:
+                h.remove()
+            resid = None
+            if start_layer > 0:
+                h = blocks[start_layer].register_forward_pre_hook(grab, with_kwargs=True)
+                try:
+                    self.model(input_ids=kw["input_ids"][:, -k:], position_ids=kw["position_ids"][:, -k:],
+                               attention_mask=mask, past_key_values=copy.deepcopy(c), use_cache=True)
+                except StopForward:
+                    resid = grab.value
+                finally:
+                    h.remove()
+            parts.append((b, c, kw["input_ids"][:, -k:], kw["position_ids"][:, -k:], mask, resid))
+        return Context(enc, k, parts, start_layer, tuple_out[0])
+
+    @contextlib.contextmanager
+    def _skip_blocks(self, ctx: Context, current: list) -> Iterator[None]:
+        """Run blocks before ``ctx.start_layer`` as identities and feed block ``start_layer`` the stored residual
+        of the current batch (``current[0]``), ahead of any other hook on it."""
+        if ctx.start_layer == 0:
+            yield
+            return
+        from .hooks import decoder_layers
+
+        blocks = decoder_layers(self.model)
+
+        def identity(hidden_states, *args, **kwargs):
+            return (hidden_states,) if ctx.tuple_out else hidden_states
+
+        def feed(mod, args, kwargs):
+            if args:
+                return (current[0],) + tuple(args[1:]), kwargs
+            return args, dict(kwargs, hidden_states=current[0])
+
+        for blk in blocks[: ctx.start_layer]:
+            blk.forward = identity
+        h = blocks[ctx.start_layer].register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
+        try:
+            yield
+        finally:
+            h.remove()
+            for blk in blocks[: ctx.start_layer]:
+                del blk.forward
+
+    def _logits_from_context(self, ctx: Context, desc: str) -> torch.Tensor:
+        if PHASE.unbounded:
+            raise ToolkitError("an intervention at every position cannot reuse a context cache")
+        if required_depth() > ctx.k:
+            raise ToolkitError(f"an intervention reaches position {-required_depth()}, beyond the context's last "
+                               f"{ctx.k} tokens")
+        if PHASE.layers and min(PHASE.layers) < ctx.start_layer:
+            raise ToolkitError(f"a hook at layer {min(PHASE.layers)} is before the context's start layer "
+                               f"{ctx.start_layer}")
+        out = None
+        current: list = [None]
+        with self._pass(), self._skip_blocks(ctx, current):
+            bar = tqdm(total=len(ctx.enc) * ctx.k, desc=desc, unit="tok", disable=not self.progress, leave=False,
+                       dynamic_ncols=True)
+            try:
+                for b, cache, ids, pos, mask, resid in ctx.parts:
+                    self._start(b)
+                    current[0] = resid
+                    logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask,
+                                        past_key_values=copy.deepcopy(cache), use_cache=True,
+                                        logits_to_keep=1).logits[:, -1].float().cpu()
+                    if out is None:
+                        out = torch.empty((len(ctx.enc), logits.shape[-1]), dtype=torch.float32)
+                    out[torch.tensor(b.index)] = logits
+                    bar.update(len(b.index) * ctx.k)
+            finally:
+                bar.close()
+        return out
+
+    def logits(self, enc: Encoded, desc: str = "forward", context: Context | None = None) -> torch.Tensor:
         """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` float32, caller's order.
 
         Active hooks (interventions) apply to the prefix and the prompt. Only the last position reaches the
-        LM head (``logits_to_keep=1``).
+        LM head (``logits_to_keep=1``). With ``context`` (from :meth:`context` on the same ``enc``) only the
+        last ``context.k`` tokens of each prompt are computed.
+
+        Raises:
+            ToolkitError: ``context`` made for other prompts, or an active intervention it cannot serve (one at
+                every position, or one deeper than ``context.k``).
         """
+        if context is not None:
+            if context.enc is not enc:
+                raise ToolkitError("the context cache was computed for other prompts")
+            return self._logits_from_context(context, desc)
         out = None
         enc = self._ensure_depth(enc, required_depth())
         for b, cache in self._iterate(enc, desc):
@@ -301,14 +454,15 @@ class Runner:
                     pass
         return out
 
-    def generate(self, enc: Encoded, max_new_tokens: int, desc: str = "generate") -> tuple[list[str], torch.Tensor]:
+    def generate(self, enc: Encoded, max_new_tokens: int, desc: str = "generate", with_tokens: bool = False):
         """Greedy completions and the first step's logits.
 
         Active hooks apply to the prefix, the prompt and every generated token (phase ``generate``).
 
         Returns:
             (completions as decoded text without special tokens, logits ``[n_prompts, vocab]`` float32 at the
-            last prompt position, i.e. the same as :meth:`logits`).
+            last prompt position, i.e. the same as :meth:`logits`); with ``with_tokens=True`` also the generated
+            token ids per prompt, cut before the first end-of-sequence or padding token (list of ``[new]``).
 
         Raises:
             ToolkitError: ``max_new_tokens`` < 1.
@@ -316,9 +470,11 @@ class Runner:
         if max_new_tokens < 1:
             raise ToolkitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         texts: list[str] = [""] * len(enc)
+        tokens: list[list[int]] = [[] for _ in range(len(enc))]
         first = None
         tok = self.lm.tokenizer
         eos = self.model.generation_config.eos_token_id
+        stop = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {self.pad_id}
         enc = self._ensure_depth(enc, required_depth())
         for b, cache in self._iterate(enc, desc):
             kw = self._inputs(enc, b, cache)
@@ -347,8 +503,43 @@ class Runner:
             new = res.sequences[:, width:]
             for r, i in enumerate(b.index):
                 texts[i] = tok.decode(new[r], skip_special_tokens=True)
+                row = new[r].tolist()
+                cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+                tokens[i] = row[:cut]
             lg = res.logits[0].float().cpu()
             if first is None:
                 first = torch.empty((len(enc), lg.shape[-1]), dtype=torch.float32)
             first[torch.tensor(b.index)] = lg
-        return texts, first
+        return (texts, first, tokens) if with_tokens else (texts, first)
+
+    def continuation_logprob(self, enc: Encoded, continuations: Sequence[Sequence[int]],
+                             desc: str = "log-likelihood") -> np.ndarray:
+        """Mean per-token log-likelihood of each continuation given its prompt, in nats per token, ``[n_prompts]``.
+
+        ``log p(c_1..c_m | prompt) / m`` under whatever hooks are active (normally none: the base model judging
+        steered text, a coherence measure that does not depend on refusal). NaN for an empty continuation.
+        One forward pass over prompt + continuation; the LM head sees only the last ``max m + 1`` positions.
+
+        Raises:
+            ToolkitError: the number of continuations differs from the number of prompts.
+        """
+        if len(continuations) != len(enc):
+            raise ToolkitError(f"{len(continuations)} continuations for {len(enc)} prompts")
+        conts = [list(map(int, c)) for c in continuations]
+        out = np.full(len(enc), np.nan)
+        keep = [i for i, c in enumerate(conts) if c]
+        if not keep:
+            return out
+        full = Encoded([list(enc.ids[i]) + conts[i] for i in keep], enc.prefix_len)
+        for b, cache in self._iterate(full, desc):
+            lens = [len(conts[keep[i]]) for i in b.index]
+            m = max(lens)
+            logits = self.model(**self._inputs(full, b, cache), use_cache=cache is not None,
+                                logits_to_keep=m + 1).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], -1)  # position j predicts the token at j + 1
+            for r, i in enumerate(b.index):
+                n = lens[r]
+                target = b.input_ids[r, -n:]
+                lp = logp[r, m - n :].gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                out[keep[i]] = float(lp.double().mean())
+        return out

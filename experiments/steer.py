@@ -1,0 +1,357 @@
+"""``refusal steer``: activation addition over an alpha grid, with holdout and random-direction controls."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import typer
+from tqdm.auto import tqdm
+
+from toolkit.directions import save_direction
+from toolkit.errors import ToolkitError
+from toolkit.hooks import SITES, check_layer
+from toolkit.prompts import PromptSet, load_prompt_set
+from toolkit.runs import Run
+from toolkit.steering import (SCALES, dial_direction, hash_split, measure, monotone_range, parse_alphas,
+                              parse_positions, random_directions, scale_value)
+
+from .ablate import check_direction_matches, resolve_direction
+from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
+                     console, handle_errors, open_session, out)
+from .extract import parse_int_list
+
+SiteOpt = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}")
+PositionsOpt = typer.Option("post", "--positions", help="where to add: post (post-instruction tokens of the "
+                            "prompt), last, all (every position of every pass, generated tokens included), or "
+                            "negative indices like '-1,-3'")
+ScaleOpt = typer.Option("resid", "--scale", help="s in x + alpha*s*r_hat: unit (1), raw (the direction's own "
+                        "norm) or resid (mean residual norm at that layer over post-instruction tokens)")
+
+
+@dataclass
+class Unit:
+    """One evaluated group of prompts: a set (or one half of the learned set) and its baseline."""
+
+    ps: PromptSet
+    part: str
+    enc: object = None
+    base: dict | None = None
+    context: object = None
+
+
+@handle_errors
+def steer(
+    direction: str = typer.Option(None, "--direction", "-d", help="runs/extract/NAME (or NAME) or a direction "
+                                  "file; or use --learn"),
+    learn: str = typer.Option(None, "--learn", help="learn a Refusal Dial direction from this prompt set: top-k "
+                              "vs bottom-k prompts of one hash-split half by baseline refusal score"),
+    learn_split: str = typer.Option("all", "--learn-split", help="split of the --learn set that is hash-split "
+                                    "into training and holdout halves"),
+    top_k: int = typer.Option(30, "--top-k", help="prompts on each side of the Refusal Dial contrast"),
+    holdout_frac: float = typer.Option(0.5, "--holdout-frac", help="share of the --learn set held out"),
+    sets: str = typer.Option("harmful,borderline", "--sets", help="comma-separated evaluation sets (built-in "
+                             "names or files); the --learn set is evaluated on both halves instead"),
+    split: str = typer.Option("test", "--split", help="split of the evaluation sets"),
+    limit: int = typer.Option(None, "--limit", help="evaluate at most N prompts per set and per half"),
+    layers: str = typer.Option(None, "--layers", help="layers steered, one at a time, e.g. '12' or '8,12,16' or "
+                               "'8:16' [default: the direction's layer, or the middle layer]"),
+    site: str = SiteOpt,
+    positions: str = PositionsOpt,
+    alpha: str = typer.Option("-4:4:1", "--alpha", help="alpha grid: start:stop:step (inclusive) or a list"),
+    scale: str = ScaleOpt,
+    random: int = typer.Option(0, "--random", help="random unit Gaussian control directions (seeded)"),
+    orthogonal: int = typer.Option(None, "--orthogonal", help="random control directions orthogonal to the "
+                                   "steered one [default: as many as --random]"),
+    gen_tokens: int = typer.Option(0, "--gen-tokens", help="also generate this many greedy tokens per prompt and "
+                                   "judge refusal, degeneration and coherence (slow: one generation per point)"),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="write steer.png"),
+    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
+    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
+):
+    """Steer with a refusal direction (activation addition x <- x + alpha * s * r_hat) over an alpha grid and
+    compare it with random-direction controls; a direction learned here is also checked on held-out prompts.
+
+    Writes runs/steer/NAME/ with results.csv (one row per direction, layer, alpha, set, part and prompt),
+    summary.csv (per direction, layer, alpha, set, part), band.csv (learned direction vs the random band per
+    alpha), steer.png, the learned directions (direction_L<layer>.safetensors) and run.json.
+    """
+    if (direction is None) == (learn is None):
+        raise ToolkitError("give exactly one of --direction or --learn")
+    alphas = parse_alphas(alpha)
+    if site not in SITES:
+        raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
+    if scale not in SCALES:
+        raise ToolkitError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    orthogonal = random if orthogonal is None else orthogonal
+    if random < 0 or orthogonal < 0 or gen_tokens < 0 or (limit is not None and limit < 1):
+        raise ToolkitError("--random, --orthogonal and --gen-tokens must be >= 0 and --limit >= 1")
+    layer_list = parse_int_list(layers, "--layers") if layers else None
+    units: list[Unit] = []
+    learn_ps = train_ps = None
+    if learn is not None:
+        lp = load_prompt_set(learn)
+        learn_ps = lp.select(learn_split if any(r["split"] for r in lp.records) else None)
+        mask = hash_split(learn_ps.ids, seed, 1 - holdout_frac)
+        train_ps = learn_ps.subset([i for i in range(len(learn_ps)) if mask[i]])
+        hold_ps = learn_ps.subset([i for i in range(len(learn_ps)) if not mask[i]])
+        if len(train_ps) < 2 * top_k:
+            raise ToolkitError(f"the training half of {learn_ps.name} has {len(train_ps)} prompts; --top-k {top_k} "
+                               f"needs at least {2 * top_k}")
+        if len(hold_ps) == 0:
+            raise ToolkitError(f"the holdout half of {learn_ps.name} is empty")
+        units += [Unit(train_ps.head(limit), "train"), Unit(hold_ps.head(limit), "holdout")]
+    for s in [x.strip() for x in sets.split(",") if x.strip()]:
+        ps = load_prompt_set(s)
+        if learn_ps is not None and ps.name == learn_ps.name:
+            continue
+        has_splits = any(r["split"] for r in ps.records)
+        units.append(Unit(ps.select(split if has_splits else None).head(limit), "all"))
+    if not units:
+        raise ToolkitError("nothing to evaluate: give --sets")
+    dvec = dmeta = dsource = None
+    if direction is not None:
+        dvec, dmeta, dsource = resolve_direction(direction)
+
+    with Run("steer", name, force) as run:
+        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+        r, lm = ses.runner, ses.lm
+        if dvec is not None:
+            check_direction_matches(dmeta, dvec.shape[0], lm)
+        if layer_list is None:
+            layer_list = [int(dmeta["layer"])] if dmeta and dmeta.get("layer") is not None else [lm.n_layers // 2]
+        layer_list = list(dict.fromkeys(check_layer(lm.model, l) for l in layer_list))
+        pos = parse_positions(positions, ses.fmt.post_positions())
+        post = ses.fmt.post_positions()
+
+        # baselines: one pass per unit, reading the residual at the steered layers (post-instruction positions)
+        t0 = time.time()
+        norm_sum = {l: 0.0 for l in layer_list}
+        norm_n = 0
+        train_acts = None
+        for u in units:
+            u.enc = r.encode(u.ps.prompts)
+            with r.capture(len(u.ps), layer_list, [site], post) as acts:
+                u.base = measure(r, u.enc, ses.refusal_ids, gen_tokens, desc=f"baseline {u.ps.name} {u.part}")
+            a = acts[site]  # [n, n_layers, n_post, d]
+            for li, l in enumerate(layer_list):
+                norm_sum[l] += float(a[:, li].norm(dim=-1).double().sum())
+            norm_n += a.shape[0] * a.shape[2]
+            if u.part == "train":
+                train_acts = a[:, :, -1]  # last position, [n, n_layers, d]
+        run.time("baseline", time.time() - t0)
+        resid_norm = {l: norm_sum[l] / norm_n for l in layer_list}
+
+        # the steered directions per layer: learned (or given), random, orthogonal random
+        learned: dict[int, torch.Tensor] = {}
+        raw_norm: dict[int, float] = {}
+        learn_info = {}
+        if dvec is None:
+            train_scores = units[0].base["score"]
+            if len(units[0].ps) < len(train_ps):  # --limit cut the evaluated half: learn on the whole half
+                enc = r.encode(train_ps.prompts)
+                with r.capture(len(train_ps), layer_list, [site], [-1]) as acts:
+                    train_scores = measure(r, enc, ses.refusal_ids, 0, desc="training half")["score"]
+                train_acts = acts[site][:, :, 0]
+        for li, l in enumerate(layer_list):
+            if dvec is not None:
+                v = dvec.double()
+            else:
+                v, top, bottom = dial_direction(train_acts[:, li], train_scores, top_k)
+                learn_info[l] = {"top_mean_score": float(np.mean(train_scores[top])),
+                                 "bottom_mean_score": float(np.mean(train_scores[bottom]))}
+                meta = {"model_id": lm.model_id, "model_hash": lm.model_hash, "d_model": lm.d_model, "layer": l,
+                        "pos": -1, "site": site, "norm": float(v.norm()),
+                        "method": f"Refusal Dial: top-{top_k} minus bottom-{top_k} by refusal score",
+                        "learned_on": {"set": train_ps.name, "sha256": train_ps.sha256, "n": len(train_ps),
+                                       "split_seed": seed, "holdout_frac": holdout_frac}}
+                save_direction(run.path(f"direction_L{l}.safetensors"), v.float(), meta)
+            if float(v.norm()) == 0:
+                raise ToolkitError(f"the direction at layer {l} is zero")
+            raw_norm[l] = float(v.norm())
+            learned[l] = (v / v.norm()).float()
+        scales = {l: scale_value(scale, raw_norm[l], resid_norm[l]) for l in layer_list}
+        rand, rand_seeds = random_directions(random, lm.d_model, seed)
+        dirs = [("learned", 0, None, {l: learned[l] for l in layer_list})]
+        dirs += [("random", i, rand_seeds[i], {l: rand[i] for l in layer_list}) for i in range(random)]
+        orth_seeds = {}
+        orth = {}
+        for l in layer_list:
+            orth[l], orth_seeds = random_directions(orthogonal, lm.d_model, seed, orthogonal_to=learned[l])
+        dirs += [("orthogonal", i, orth_seeds[i], {l: orth[l][i] for l in layer_list}) for i in range(orthogonal)]
+
+        # context caches: steering at the last k prompt positions from layer L on changes only those tokens'
+        # computation from block L on; everything else is computed once here
+        if pos is not None and gen_tokens == 0:
+            t0 = time.time()
+            k = -min(pos)
+            for u in units:
+                u.context = r.context(u.enc, k, desc=f"context {u.ps.name} {u.part}", start_layer=min(layer_list))
+            run.time("context", time.time() - t0)
+
+        # the sweep
+        t0 = time.time()
+        nonzero = [a for a in alphas if a != 0]
+        total = len(layer_list) * len(dirs) * len(nonzero) * len(units)
+        rows = []
+        progress, r.progress = r.progress, False
+        bar = tqdm(total=total, desc="steer", unit="pass", disable=quiet, leave=False, dynamic_ncols=True)
+        try:
+            for l in layer_list:
+                for kind, idx, dseed, vecs in dirs:
+                    vec = vecs[l] * scales[l]
+                    for a in alphas:
+                        for u in units:
+                            if a == 0:
+                                res = u.base
+                            else:
+                                res = measure(r, u.enc, ses.refusal_ids, gen_tokens, vector=vec, layers=[l], alpha=a,
+                                              positions=pos, site=site, context=u.context)
+                                bar.update(1)
+                            rows += _rows(res, u, kind, idx, dseed, l, site, positions, a, scales[l])
+        finally:
+            bar.close()
+            r.progress = progress
+        run.time("sweep", time.time() - t0)
+        res_df = pd.DataFrame(rows)
+        summary = summarise(res_df)
+        band = band_table(summary, bool(gen_tokens))
+        mono = monotonicity(summary)
+        run.write_csv("results.csv", res_df)
+        run.write_csv("summary.csv", summary)
+        run.write_csv("band.csv", band)
+        if plot and (random or orthogonal or len(alphas) > 1):
+            from toolkit.plots import steer_plot
+
+            steer_plot(summary, band, run.path("steer.png"))
+        results = {"alphas": alphas, "layers": layer_list, "scale": {"kind": scale, "values": scales,
+                                                                     "resid_norm": resid_norm, "raw_norm": raw_norm},
+                   "monotonic": mono, "n_passes": total, "learned": learn_info,
+                   "direction": {"source": dsource, **(dmeta or {})} if dvec is not None else
+                   {"source": "learned", "learn_set": learn_ps.name, "top_k": top_k, "n_train": len(train_ps)}}
+        psets = [u.ps.describe() | {"part": u.part} for u in units]
+        final = run.finish(model=lm.describe(), prompt_sets=psets, seed=seed,
+                           params={"direction": dsource, "learn": learn, "learn_split": learn_split, "top_k": top_k,
+                                   "holdout_frac": holdout_frac, "sets": sets, "split": split, "limit": limit,
+                                   "layers": layer_list, "site": site, "positions": positions, "alpha": alpha,
+                                   "scale": scale, "random": random, "orthogonal": orthogonal,
+                                   "gen_tokens": gen_tokens, "system": system, "refusal_token_ids": ses.refusal_ids},
+                           results=results)
+    print_band(band, mono)
+    console.print(f"wrote {final}")
+
+
+def _rows(res: dict, u: Unit, kind: str, idx: int, dseed, layer: int, site: str, positions: str, alpha: float,
+          scale: float) -> list[dict]:
+    out_rows = []
+    for i, rec in enumerate(u.ps.records):
+        out_rows.append({"kind": kind, "direction_index": idx, "direction_seed": dseed, "layer": layer, "site": site,
+                         "positions": positions, "alpha": alpha, "scale": scale, "set": u.ps.name, "part": u.part,
+                         "id": rec["id"], "score": float(res["score"][i]),
+                         "refusal": None if res["refusal"] is None else bool(res["refusal"][i]),
+                         "degenerate": None if res["degenerate"] is None else bool(res["degenerate"][i]),
+                         "coherence": None if res["coherence"] is None else float(res["coherence"][i])})
+    return out_rows
+
+
+KEYS = ["kind", "direction_index", "layer", "alpha", "set", "part"]
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per direction, layer, alpha, set and part: mean score with its t interval, refusal and degenerate rates with
+    Wilson intervals, and mean coherence (when completions were generated)."""
+    from toolkit.stats import mean_summary, rate_summary
+
+    rows = []
+    for key, g in df.groupby(KEYS, sort=False):
+        row = dict(zip(KEYS, key))
+        m = mean_summary(g["score"].to_numpy(float))
+        row.update({"n": m["n"], "mean_score": m["mean"], "score_ci_low": m["ci_low"], "score_ci_high": m["ci_high"]})
+        if g["refusal"].notna().all():
+            for col in ("refusal", "degenerate"):
+                s = rate_summary(g[col].astype(bool).tolist())
+                row.update({f"{col}_rate": s["rate"], f"{col}_ci_low": s["ci_low"], f"{col}_ci_high": s["ci_high"]})
+            row["mean_coherence"] = float(np.nanmean(g["coherence"].to_numpy(float))) \
+                if g["coherence"].notna().any() else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def band_table(summary: pd.DataFrame, rates: bool) -> pd.DataFrame:
+    """The steered direction's mean per (layer, set, part, alpha) beside the random and orthogonal-random bands:
+    the random directions' mean, 2.5th and 97.5th percentiles of their per-direction means, the empirical
+    two-sided p-value of the learned effect (vs alpha 0) among the random effects, and whether it lies outside."""
+    from toolkit.stats import random_control
+
+    metrics = ["mean_score"] + (["refusal_rate"] if rates else [])
+    main = summary[summary.kind == "learned"]
+    rows = []
+    for (layer, set_, part), g in main.groupby(["layer", "set", "part"], sort=False):
+        base = g[g.alpha == 0]
+        for _, lr in g.iterrows():
+            row = {"layer": layer, "set": set_, "part": part, "alpha": lr["alpha"]}
+            for m in metrics:
+                row[m] = lr[m]
+                b0 = float(base[m].iloc[0]) if len(base) else float("nan")
+                for kind in ("random", "orthogonal"):
+                    rs = summary[(summary.kind == kind) & (summary.layer == layer) & (summary.set == set_)
+                                 & (summary.part == part)]
+                    at = rs[rs.alpha == lr["alpha"]][m].to_numpy(float)
+                    if len(at) == 0:
+                        continue
+                    pfx = f"{m}_{kind}"
+                    row[f"{pfx}_mean"] = float(at.mean())
+                    row[f"{pfx}_low"] = float(np.percentile(at, 2.5))
+                    row[f"{pfx}_high"] = float(np.percentile(at, 97.5))
+                    if lr["alpha"] != 0 and len(base):
+                        ctl = random_control(float(lr[m]) - b0, at - b0)
+                        row[f"{pfx}_p"] = ctl["p_value"]
+                        row[f"{pfx}_outside"] = bool(ctl["exceeds_band"])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def monotonicity(summary: pd.DataFrame) -> list[dict]:
+    """For the steered direction per (layer, set, part): Spearman's rho of mean score against alpha (scipy) and
+    the widest alpha interval around 0 on which the mean score never decreases."""
+    from scipy.stats import spearmanr
+
+    out_rows = []
+    main = summary[summary.kind == "learned"]
+    for (layer, set_, part), g in main.groupby(["layer", "set", "part"], sort=False):
+        g = g.sort_values("alpha")
+        rho = float(spearmanr(g.alpha, g.mean_score).statistic) if len(g) > 2 else float("nan")
+        lo, hi = monotone_range(g.alpha.tolist(), g.mean_score.tolist())
+        out_rows.append({"layer": int(layer), "set": set_, "part": part, "spearman_rho": rho,
+                         "monotone_from": lo, "monotone_to": hi})
+    return out_rows
+
+
+def print_band(band: pd.DataFrame, mono: list[dict]) -> None:
+    """Print the steered direction's mean score per alpha with the random band (``*`` = outside it)."""
+    from rich.table import Table
+
+    for (layer, set_, part), g in band.groupby(["layer", "set", "part"], sort=False):
+        t = Table(title=f"layer {layer}, {set_} ({part}): mean refusal score", title_justify="left")
+        cols = ["alpha", "steered"] + [c for c in ("random band", "orthogonal band") if
+                                       f"mean_score_{c.split()[0]}_low" in g.columns]
+        if "refusal_rate" in g.columns:
+            cols.append("refusal rate")
+        for c in cols:
+            t.add_column(c, justify="right")
+        for _, r in g.iterrows():
+            vals = [f"{r['alpha']:g}", f"{r['mean_score']:.2f}"]
+            for kind in ("random", "orthogonal"):
+                if f"mean_score_{kind}_low" in g.columns:
+                    mark = "*" if r.get(f"mean_score_{kind}_outside") is True else ""
+                    vals.append(f"[{r[f'mean_score_{kind}_low']:.2f}, {r[f'mean_score_{kind}_high']:.2f}]{mark}")
+            if "refusal_rate" in g.columns:
+                vals.append(f"{r['refusal_rate']:.2f}")
+            t.add_row(*vals)
+        out.print(t)
+    for m in mono:
+        out.print(f"layer {m['layer']} {m['set']} ({m['part']}): Spearman rho {m['spearman_rho']:.2f}; mean score "
+                  f"non-decreasing for alpha in [{m['monotone_from']:g}, {m['monotone_to']:g}]", highlight=False)

@@ -1,0 +1,285 @@
+"""Activation steering with controls: alpha grids, scales, positions, random directions, holdout splits.
+
+Steering is activation addition (:func:`toolkit.interventions.activation_addition`):
+``x <- x + alpha * s * r_hat`` at one site of the chosen layers, where ``r_hat`` is a unit direction and
+``s`` a documented scale (:func:`scale_value`) that makes alphas comparable across layers and models.
+
+Controls (the Refusal Dial's and OBLITERATUS's protocols, see ``REFERENCE.md``):
+
+* holdout: a prompt set is split by a hash of each prompt id and a seed (:func:`hash_split`); a direction is
+  learned on one half only and evaluated on both halves and on other sets;
+* random directions: unit Gaussian directions, each seeded by ``(seed, kind, index)``
+  (:func:`random_directions`), steered with the same layer, site, positions, scale and alphas;
+* orthogonal random directions: the same, with the learned direction projected out before normalising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .errors import ToolkitError
+
+MAX_ALPHAS = 201
+SCALES = ("unit", "raw", "resid")
+
+
+def parse_alphas(spec: str) -> list[float]:
+    """Parse an alpha grid: ``"start:stop:step"`` (both ends included) or a comma list ``"-4,-2,0,2,4"``.
+
+    Returns:
+        Sorted, distinct alphas (at most :data:`MAX_ALPHAS`), rounded to 10 decimals.
+
+    Raises:
+        ToolkitError: not numbers, non-finite values, a zero step, a step of the wrong sign, a step that does
+            not divide ``stop - start``, duplicates, or too many points.
+    """
+    text = (spec or "").strip()
+    if not text:
+        raise ToolkitError("empty --alpha grid")
+    try:
+        if ":" in text:
+            parts = [float(x) for x in text.split(":")]
+            if len(parts) != 3:
+                raise ToolkitError(f"--alpha range must be start:stop:step, got {spec!r}")
+            a, b, step = parts
+            if not all(math.isfinite(x) for x in parts):
+                raise ToolkitError(f"--alpha values must be finite, got {spec!r}")
+            if step == 0:
+                raise ToolkitError("--alpha step must not be 0")
+            if (b - a) * step < 0:
+                raise ToolkitError(f"--alpha step {step:g} goes away from stop {b:g} (start {a:g})")
+            n = (b - a) / step
+            if abs(n - round(n)) > 1e-6:
+                raise ToolkitError(f"--alpha step {step:g} does not divide the range {a:g}..{b:g}")
+            if round(n) + 1 > MAX_ALPHAS:
+                raise ToolkitError(f"--alpha grid has {round(n) + 1} points; at most {MAX_ALPHAS}")
+            vals = [a + i * step for i in range(round(n) + 1)]
+        else:
+            vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ToolkitError(f"--alpha must be numbers like '-4:4:1' or '-2,0,2', got {spec!r}") from None
+    if not vals:
+        raise ToolkitError("empty --alpha grid")
+    if not all(math.isfinite(v) for v in vals):
+        raise ToolkitError(f"--alpha values must be finite, got {spec!r}")
+    vals = [round(v, 10) + 0.0 for v in vals]
+    if len(set(vals)) != len(vals):
+        raise ToolkitError(f"--alpha has repeated values: {spec!r}")
+    if len(vals) > MAX_ALPHAS:
+        raise ToolkitError(f"--alpha grid has {len(vals)} points; at most {MAX_ALPHAS}")
+    return sorted(vals)
+
+
+def parse_positions(spec: str, post_positions: Sequence[int]) -> list[int] | None:
+    """Steering positions: ``all`` (None: every position of every pass, generated tokens included), ``last``
+    (``[-1]``), ``post`` (the post-instruction positions given), or negative indices such as ``"-1,-3"``.
+
+    Raises:
+        ToolkitError: anything else, or a non-negative index.
+    """
+    s = (spec or "").strip().lower()
+    if s == "all":
+        return None
+    if s == "last":
+        return [-1]
+    if s == "post":
+        return sorted(set(int(p) for p in post_positions))
+    try:
+        pos = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ToolkitError(f"--positions must be all, last, post or negative indices like '-1,-2', got {spec!r}") from None
+    if not pos or any(p >= 0 for p in pos):
+        raise ToolkitError(f"--positions indices must be negative (from the end of the prompt), got {spec!r}")
+    return sorted(set(pos))
+
+
+def _seed_int(*parts) -> int:
+    """A 63-bit integer from a stable hash of ``parts`` (independent of Python's hash randomisation)."""
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "big") >> 1
+
+
+def direction_seed(seed: int, kind: str, index: int) -> int:
+    """The generator seed of random direction ``index`` of ``kind`` (``random``/``orthogonal``) for run ``seed``.
+
+    Direction ``i`` does not depend on how many directions are drawn, so ``--random 20`` extends ``--random 5``.
+    """
+    return _seed_int("direction", seed, kind, index)
+
+
+def random_directions(n: int, d_model: int, seed: int, orthogonal_to: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, list[int]]:
+    """``n`` random unit directions ``[n, d_model]`` float32 and their generator seeds.
+
+    Each is a standard Gaussian vector (float64, ``torch.Generator`` seeded by :func:`direction_seed`),
+    normalised; with ``orthogonal_to`` (``[d_model]``) its component along that direction is removed first, so
+    ``|cos| < 1e-6`` with it.
+
+    Raises:
+        ToolkitError: ``n < 0`` or ``orthogonal_to`` of the wrong width or zero.
+    """
+    if n < 0:
+        raise ToolkitError(f"number of random directions must be >= 0, got {n}")
+    kind = "random" if orthogonal_to is None else "orthogonal"
+    r = None
+    if orthogonal_to is not None:
+        if orthogonal_to.shape != (d_model,) or float(orthogonal_to.double().norm()) == 0:
+            raise ToolkitError("orthogonal_to must be a non-zero [d_model] direction")
+        r = orthogonal_to.double() / orthogonal_to.double().norm()
+    out, seeds = torch.zeros(n, d_model, dtype=torch.float32), []
+    for i in range(n):
+        s = direction_seed(seed, kind, i)
+        g = torch.randn(d_model, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        if r is not None:
+            g = g - (g @ r) * r
+        out[i] = (g / g.norm()).float()
+        seeds.append(s)
+    return out, seeds
+
+
+def hash_split(ids: Sequence[str], seed: int, frac: float = 0.5) -> np.ndarray:
+    """Assign prompts to a training part by a hash of ``(seed, id)``: ``[n]`` bool, True = train.
+
+    A prompt is in the training part when ``sha256(f"split:{seed}:{id}")`` read as a fraction of 2**63 is below
+    ``frac``. Membership depends only on the id and the seed: stable across runs, file order and added
+    prompts; the two parts are disjoint by construction. The parts are about, not exactly, ``frac`` and
+    ``1 - frac`` of the set (the Refusal Dial splits 50/50 by hash).
+
+    Raises:
+        ToolkitError: ``frac`` outside (0, 1) or repeated ids.
+    """
+    if not 0 < frac < 1:
+        raise ToolkitError(f"split fraction must be in (0, 1), got {frac}")
+    if len(set(ids)) != len(ids):
+        raise ToolkitError("prompt ids must be unique to split by id")
+    return np.array([_seed_int("split", seed, i) / 2**63 < frac for i in ids], dtype=bool)
+
+
+def dial_direction(acts: torch.Tensor, scores: np.ndarray, k: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Refusal Dial direction: mean activation of the ``k`` highest-scoring prompts minus that of the ``k`` lowest.
+
+    Args:
+        acts: ``[n, d_model]`` activations (e.g. ``resid_pre`` at one layer, last position).
+        scores: ``[n]`` refusal scores of the same prompts at baseline.
+        k: prompts per side.
+
+    Returns:
+        (raw direction ``[d_model]`` float64, indices of the top ``k``, indices of the bottom ``k``). Ties are
+        broken by prompt order (stable sort).
+
+    Raises:
+        ToolkitError: ``k < 1``, ``2k > n``, or mismatched lengths.
+    """
+    n = acts.shape[0]
+    if len(scores) != n:
+        raise ToolkitError(f"{len(scores)} scores for {n} activations")
+    if k < 1 or 2 * k > n:
+        raise ToolkitError(f"top-k/bottom-k needs 1 <= k <= n/2; got k = {k} with {n} training prompts")
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    top, bottom = order[:k], order[-k:]
+    d = acts[torch.as_tensor(top)].double().mean(0) - acts[torch.as_tensor(bottom)].double().mean(0)
+    return d, top, bottom
+
+
+def scale_value(kind: str, raw_norm: float, resid_norm: float | None) -> float:
+    """The steering scale ``s`` in ``x <- x + alpha * s * r_hat``.
+
+    * ``unit``: ``s = 1`` (alpha in residual-stream units);
+    * ``raw``: ``s = ||r||``, the direction's own norm (alpha 1 adds the raw difference-in-means, as Arditi et
+      al.'s activation addition does);
+    * ``resid``: ``s`` = mean L2 norm of the residual stream at that site and layer over the post-instruction
+      positions of the evaluated prompts (alpha 1 adds a vector as long as a typical activation there), so alphas
+      compare across layers and models.
+
+    Raises:
+        ToolkitError: unknown kind, or ``resid`` without a measured norm.
+    """
+    if kind == "unit":
+        return 1.0
+    if kind == "raw":
+        return float(raw_norm)
+    if kind == "resid":
+        if resid_norm is None or not math.isfinite(resid_norm):
+            raise ToolkitError("the resid scale needs the mean residual norm")
+        return float(resid_norm)
+    raise ToolkitError(f"--scale must be one of {', '.join(SCALES)}, got {kind!r}")
+
+
+def monotone_range(alphas: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
+    """The widest interval of consecutive alphas containing 0 (or the grid point nearest 0) on which ``values``
+    never decrease: ``(alpha_lo, alpha_hi)``.
+
+    Raises:
+        ToolkitError: lengths differ or the grid is empty.
+    """
+    a = np.asarray(alphas, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if len(a) != len(v) or len(a) == 0:
+        raise ToolkitError("monotone_range needs equal, non-empty alphas and values")
+    order = np.argsort(a)
+    a, v = a[order], v[order]
+    c = int(np.argmin(np.abs(a)))
+    lo = c
+    while lo > 0 and v[lo - 1] <= v[lo]:
+        lo -= 1
+    hi = c
+    while hi < len(a) - 1 and v[hi + 1] >= v[hi]:
+        hi += 1
+    return float(a[lo]), float(a[hi])
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+MEASURES = ("score", "refusal", "degenerate", "coherence")
+
+
+def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector: torch.Tensor | None = None,
+            layers: Sequence[int] = (), alpha: float = 0.0, positions: Sequence[int] | None = None,
+            site: str = "resid_pre", context=None, desc: str = "steer") -> dict:
+    """Measure prompts under activation addition ``x <- x + alpha * vector`` (none when ``alpha == 0`` or no vector).
+
+    Per prompt: the logit refusal score (one forward pass, reusing ``context`` when given); with
+    ``gen_tokens > 0`` also the greedy completion, its marker-judge refusal verdict, the degeneration verdict
+    (:func:`toolkit.scoring.is_degenerate`) and its coherence: the *unsteered* model's mean log-likelihood of the
+    completion given the prompt (nats/token; :meth:`toolkit.runner.Runner.continuation_logprob`), which does not
+    depend on whether the text refuses.
+
+    Args:
+        runner: a :class:`toolkit.runner.Runner`.
+        enc: encoded prompts (``Runner.encode``).
+        vector: ``[d_model]`` vector added (already multiplied by its scale), or None.
+        layers, alpha, positions, site: as :func:`toolkit.interventions.activation_addition`.
+        context: a :class:`toolkit.runner.Context` for ``enc`` (score-only passes, position-addressed steering).
+
+    Returns:
+        ``{"score": [n] float, "refusal": [n] bool | None, "degenerate": [n] bool | None, "coherence": [n] float
+        | None, "completion": list[str] | None}``.
+
+    Raises:
+        ToolkitError: from the runner or the intervention (bad positions, sites, layers).
+    """
+    from .interventions import activation_addition
+    from .scoring import is_degenerate, is_refusal, refusal_score
+
+    stack = contextlib.ExitStack()
+    if vector is not None and alpha != 0:
+        stack.enter_context(activation_addition(runner.model, vector, list(layers), alpha=alpha,
+                                                positions=positions, site=site))
+    with stack:
+        if gen_tokens > 0:
+            texts, logits, toks = runner.generate(enc, gen_tokens, desc=desc, with_tokens=True)
+        else:
+            logits = runner.logits(enc, desc=desc, context=context if positions is not None else None)
+            texts = toks = None
+    res = {"score": refusal_score(logits, refusal_ids).numpy(), "refusal": None, "degenerate": None,
+           "coherence": None, "completion": texts}
+    if texts is not None:
+        res["refusal"] = np.array([is_refusal(t) for t in texts], dtype=bool)
+        res["degenerate"] = np.array([is_degenerate(t) for t in texts], dtype=bool)
+        res["coherence"] = runner.continuation_logprob(enc, toks, desc=f"{desc} coherence")
+    return res
