@@ -164,8 +164,9 @@ def seeds(
     """Aggregate one experiment over seeds: mean, SD and 95 % t interval per row and metric.
 
     Rows are matched across runs on the key columns; per row and metric the output gives the number of seeds, the
-    mean, the SD and the t interval of the mean. The runs must be of one command with distinct seeds and identical params apart from seed params. Rows missing
-    from any run are dropped (and counted). Writes runs/stats/NAME/seeds.csv and run.json.
+    mean, the SD and the t interval of the mean. The runs must be of one command with distinct seeds and identical
+    params apart from seed params. Rows missing from any run are dropped (and counted). Writes
+    runs/stats/NAME/seeds.csv and run.json.
     """
     if len(runs) < 2:
         raise ToolkitError(f"need at least 2 runs to aggregate over seeds, got {len(runs)}")
@@ -286,6 +287,14 @@ def _metric_kind(df: pd.DataFrame, metric: str, label: str) -> str:
     raise ToolkitError(f"column {metric!r} of {label} is neither numeric nor boolean")
 
 
+def _order(value) -> tuple:
+    """Sort key putting numbers (in numeric order) before text."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
 def _describe(side: dict) -> str:
     conds = " and ".join(f"{c}={v}" for c, v in side["conds"])
     return side["label"].rsplit(" (", 1)[0] + (f" where {conds}" if conds else "")
@@ -380,6 +389,7 @@ def ttest(
                                f"{sets_b}, {len(mb)} rows)")
         for _, m in merged.groupby("_by", sort=True):  # the --by column is suffixed _a/_b by the merge
             groups.append((m[f"{by}_a"].iloc[0] if by else None, m["_v_a"].to_numpy(), m["_v_b"].to_numpy()))
+    groups.sort(key=lambda g: _order(g[0]))
     test_fn = welch_ttest if welch else (mcnemar_exact if boolean else paired_ttest)
     test_name = "Welch t-test" if welch else ("exact McNemar test" if boolean else "paired t-test")
     rows = []

@@ -34,13 +34,11 @@ ScaleOpt = typer.Option("resid", "--scale", help="s in x + alpha*s*r_hat: unit (
 
 @dataclass
 class Unit:
-    """One evaluated group of prompts: a set (or one half of the learned set) and its baseline."""
+    """One evaluated group of prompts: a set (or one half of the learned set) and its rows in the joint encoding."""
 
     ps: PromptSet
     part: str
-    enc: object = None
-    base: dict | None = None
-    context: object = None
+    sl: slice | None = None
 
 
 @handle_errors
@@ -127,35 +125,35 @@ def steer(
         pos = parse_positions(positions, ses.fmt.post_positions())
         post = ses.fmt.post_positions()
 
-        # baselines: one pass per unit, reading the residual at the steered layers (post-instruction positions)
-        t0 = time.time()
-        norm_sum = {l: 0.0 for l in layer_list}
-        norm_n = 0
-        train_acts = None
+        # every evaluated prompt (all sets and halves) goes through one encoding: one pass per point, one LM-head
+        # call per pass; units are slices of it
+        allp, off = [], 0
         for u in units:
-            u.enc = r.encode(u.ps.prompts)
-            with r.capture(len(u.ps), layer_list, [site], post) as acts:
-                u.base = measure(r, u.enc, ses.refusal_ids, gen_tokens, desc=f"baseline {u.ps.name} {u.part}")
-            a = acts[site]  # [n, n_layers, n_post, d]
-            for li, l in enumerate(layer_list):
-                norm_sum[l] += float(a[:, li].norm(dim=-1).double().sum())
-            norm_n += a.shape[0] * a.shape[2]
-            if u.part == "train":
-                train_acts = a[:, :, -1]  # last position, [n, n_layers, d]
+            u.sl = slice(off, off + len(u.ps))
+            allp += u.ps.prompts
+            off += len(u.ps)
+        enc = r.encode(allp)
+
+        # baseline: one pass, reading the residual at the steered layers (post-instruction positions)
+        t0 = time.time()
+        with r.capture(len(allp), layer_list, [site], post) as acts:
+            base = measure(r, enc, ses.refusal_ids, gen_tokens, desc="baseline")
+        a = acts[site]  # [n, n_layers, n_post, d]
+        resid_norm = {l: float(a[:, li].norm(dim=-1).double().mean()) for li, l in enumerate(layer_list)}
         run.time("baseline", time.time() - t0)
-        resid_norm = {l: norm_sum[l] / norm_n for l in layer_list}
 
         # the steered directions per layer: learned (or given), random, orthogonal random
         learned: dict[int, torch.Tensor] = {}
         raw_norm: dict[int, float] = {}
         learn_info = {}
         if dvec is None:
-            train_scores = units[0].base["score"]
-            if len(units[0].ps) < len(train_ps):  # --limit cut the evaluated half: learn on the whole half
-                enc = r.encode(train_ps.prompts)
-                with r.capture(len(train_ps), layer_list, [site], [-1]) as acts:
-                    train_scores = measure(r, enc, ses.refusal_ids, 0, desc="training half")["score"]
-                train_acts = acts[site][:, :, 0]
+            tu = units[0]
+            train_scores, train_acts = base["score"][tu.sl], a[tu.sl, :, -1]
+            if len(tu.ps) < len(train_ps):  # --limit cut the evaluated half: learn on the whole half
+                tenc = r.encode(train_ps.prompts)
+                with r.capture(len(train_ps), layer_list, [site], [-1]) as tacts:
+                    train_scores = measure(r, tenc, ses.refusal_ids, 0, desc="training half")["score"]
+                train_acts = tacts[site][:, :, 0]
         for li, l in enumerate(layer_list):
             if dvec is not None:
                 v = dvec.double()
@@ -177,25 +175,23 @@ def steer(
         rand, rand_seeds = random_directions(random, lm.d_model, seed)
         dirs = [("learned", 0, None, {l: learned[l] for l in layer_list})]
         dirs += [("random", i, rand_seeds[i], {l: rand[i] for l in layer_list}) for i in range(random)]
-        orth_seeds = {}
-        orth = {}
+        orth, orth_seeds = {}, []
         for l in layer_list:
             orth[l], orth_seeds = random_directions(orthogonal, lm.d_model, seed, orthogonal_to=learned[l])
         dirs += [("orthogonal", i, orth_seeds[i], {l: orth[l][i] for l in layer_list}) for i in range(orthogonal)]
 
-        # context caches: steering at the last k prompt positions from layer L on changes only those tokens'
+        # context cache: steering at the last k prompt positions from layer L on changes only those tokens'
         # computation from block L on; everything else is computed once here
+        ctx = None
         if pos is not None and gen_tokens == 0:
             t0 = time.time()
-            k = -min(pos)
-            for u in units:
-                u.context = r.context(u.enc, k, desc=f"context {u.ps.name} {u.part}", start_layer=min(layer_list))
+            ctx = r.context(enc, -min(pos), desc="context", start_layer=min(layer_list))
             run.time("context", time.time() - t0)
 
         # the sweep
         t0 = time.time()
-        nonzero = [a for a in alphas if a != 0]
-        total = len(layer_list) * len(dirs) * len(nonzero) * len(units)
+        nonzero = [x for x in alphas if x != 0]
+        total = len(layer_list) * len(dirs) * len(nonzero)
         rows = []
         progress, r.progress = r.progress, False
         bar = tqdm(total=total, desc="steer", unit="pass", disable=quiet, leave=False, dynamic_ncols=True)
@@ -203,15 +199,15 @@ def steer(
             for l in layer_list:
                 for kind, idx, dseed, vecs in dirs:
                     vec = vecs[l] * scales[l]
-                    for a in alphas:
+                    for x in alphas:
+                        if x == 0:
+                            res = base
+                        else:
+                            res = measure(r, enc, ses.refusal_ids, gen_tokens, vector=vec, layers=[l], alpha=x,
+                                          positions=pos, site=site, context=ctx)
+                            bar.update(1)
                         for u in units:
-                            if a == 0:
-                                res = u.base
-                            else:
-                                res = measure(r, u.enc, ses.refusal_ids, gen_tokens, vector=vec, layers=[l], alpha=a,
-                                              positions=pos, site=site, context=u.context)
-                                bar.update(1)
-                            rows += _rows(res, u, kind, idx, dseed, l, site, positions, a, scales[l])
+                            rows += _rows(res, u, kind, idx, dseed, l, site, positions, x, scales[l])
         finally:
             bar.close()
             r.progress = progress
@@ -247,13 +243,15 @@ def steer(
 def _rows(res: dict, u: Unit, kind: str, idx: int, dseed, layer: int, site: str, positions: str, alpha: float,
           scale: float) -> list[dict]:
     out_rows = []
-    for i, rec in enumerate(u.ps.records):
+    for j, rec in enumerate(u.ps.records):
+        i = u.sl.start + j
         out_rows.append({"kind": kind, "direction_index": idx, "direction_seed": dseed, "layer": layer, "site": site,
                          "positions": positions, "alpha": alpha, "scale": scale, "set": u.ps.name, "part": u.part,
                          "id": rec["id"], "score": float(res["score"][i]),
                          "refusal": None if res["refusal"] is None else bool(res["refusal"][i]),
                          "degenerate": None if res["degenerate"] is None else bool(res["degenerate"][i]),
-                         "coherence": None if res["coherence"] is None else float(res["coherence"][i])})
+                         "coherence": None if res["coherence"] is None else float(res["coherence"][i]),
+                         "completion": None if res["completion"] is None else res["completion"][i]})
     return out_rows
 
 

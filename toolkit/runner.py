@@ -77,6 +77,8 @@ class Context:
         parts: per batch ``(batch, cache, tail input ids [batch, k], tail positions [batch, k],
             attention mask [batch, prefix + pos], resid_pre of block start_layer [batch, k, d_model] or None)``.
         tuple_out: whether the model's blocks return tuples (so skipped blocks can mimic them).
+        head_once: whether the LM head applied to the decoder's final hidden states reproduces the model's logits
+            (checked on the first batch); then later passes apply it once to all prompts instead of per batch.
     """
 
     enc: Encoded
@@ -84,6 +86,7 @@ class Context:
     parts: list
     start_layer: int = 0
     tuple_out: bool = False
+    head_once: bool = False
 
 
 def shared_prefix_len(ids: Sequence[Sequence[int]], keep: int) -> int:
@@ -260,16 +263,22 @@ class Runner:
         def kind(mod, args, out):
             tuple_out[0] = isinstance(out, tuple)
 
+        head_once = None
         for b, cache in self._iterate(work, desc):
             kw = self._inputs(work, b, cache)
             c = kw.get("past_key_values") or DynamicCache(config=self.model.config)
             mask = kw["attention_mask"]
             h = blocks[0].register_forward_hook(kind)
             try:
-                self.model(input_ids=kw["input_ids"][:, :-k], position_ids=kw["position_ids"][:, :-k],
-                           attention_mask=mask[:, :-k], past_key_values=c, use_cache=True, logits_to_keep=1)
+                res = self.model(input_ids=kw["input_ids"][:, :-k], position_ids=kw["position_ids"][:, :-k],
+                                 attention_mask=mask[:, :-k], past_key_values=c, use_cache=True, logits_to_keep=1,
+                                 output_hidden_states=head_once is None)
             finally:
                 h.remove()
+            if head_once is None:  # can the LM head be applied to final hidden states on its own? check once
+                mine = self._head(res.hidden_states[-1][:, -1]).float()
+                ref = res.logits[:, -1].float()
+                head_once = bool(torch.allclose(mine, ref, atol=1e-3 * (1 + float(ref.abs().max())), rtol=1e-3))
             resid = None
             if start_layer > 0:
                 h = blocks[start_layer].register_forward_pre_hook(grab, with_kwargs=True)
@@ -281,7 +290,7 @@ class Runner:
                 finally:
                     h.remove()
             parts.append((b, c, kw["input_ids"][:, -k:], kw["position_ids"][:, -k:], mask, resid))
-        return Context(enc, k, parts, start_layer, tuple_out[0])
+        return Context(enc, k, parts, start_layer, tuple_out[0], bool(head_once))
 
     @contextlib.contextmanager
     def _skip_blocks(self, ctx: Context, current: list) -> Iterator[None]:
@@ -323,6 +332,8 @@ class Runner:
                                f"{ctx.start_layer}")
         out = None
         current: list = [None]
+        hidden = None
+        decoder = self.model.get_decoder() if ctx.head_once else None
         with self._pass(), self._skip_blocks(ctx, current):
             bar = tqdm(total=len(ctx.enc) * ctx.k, desc=desc, unit="tok", disable=not self.progress, leave=False,
                        dynamic_ncols=True)
@@ -330,16 +341,39 @@ class Runner:
                 for b, cache, ids, pos, mask, resid in ctx.parts:
                     self._start(b)
                     current[0] = resid
-                    logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask,
-                                        past_key_values=copy.deepcopy(cache), use_cache=True,
-                                        logits_to_keep=1).logits[:, -1].float().cpu()
-                    if out is None:
-                        out = torch.empty((len(ctx.enc), logits.shape[-1]), dtype=torch.float32)
-                    out[torch.tensor(b.index)] = logits
+                    kw = {"input_ids": ids, "position_ids": pos, "attention_mask": mask,
+                          "past_key_values": copy.deepcopy(cache), "use_cache": True}
+                    rows = torch.tensor(b.index)
+                    if decoder is not None:  # final hidden state now, the LM head once for all prompts below
+                        h = decoder(**kw).last_hidden_state[:, -1]
+                        if hidden is None:
+                            hidden = torch.empty((len(ctx.enc), h.shape[-1]), dtype=h.dtype, device=h.device)
+                        hidden[rows.to(h.device)] = h
+                    else:
+                        logits = self.model(**kw, logits_to_keep=1).logits[:, -1].float().cpu()
+                        if out is None:
+                            out = torch.empty((len(ctx.enc), logits.shape[-1]), dtype=torch.float32)
+                        out[rows] = logits
                     bar.update(len(b.index) * ctx.k)
+                if hidden is not None:
+                    out = self._head(hidden).float().cpu()
             finally:
                 bar.close()
         return out
+
+    def _head(self, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Logits from final (normed) hidden states ``[n, d_model]`` -> ``[n, vocab]``: the LM head applied once to
+        many rows (it is memory-bound: one read of its weights serves every row), with Gemma 2's final logit
+        soft-capping where configured."""
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        parts = []
+        for i in range(0, hidden.shape[0], chunk):
+            z = head(hidden[i : i + chunk])
+            if cap:
+                z = torch.tanh(z / cap) * cap
+            parts.append(z)
+        return torch.cat(parts)
 
     def logits(self, enc: Encoded, desc: str = "forward", context: Context | None = None) -> torch.Tensor:
         """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` float32, caller's order.

@@ -1,4 +1,9 @@
-"""Statistics helpers (wrapping statsmodels/scipy; no hand-written formulas)."""
+"""Statistics helpers (wrapping statsmodels/scipy; no hand-written formulas).
+
+Rates and means with intervals; paired/Welch t-tests, exact McNemar and multiple-comparison adjustment;
+the random-direction control of a steering effect; logistic dose-response fits with ED50, cluster-bootstrap
+intervals and the therapeutic index; aggregation of one experiment over seeds.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,15 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from statsmodels.stats.proportion import proportion_confint
 
 from .errors import ToolkitError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def rate_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float, float]:
@@ -687,7 +696,7 @@ def as_float(col, name: str) -> np.ndarray:
         raise ToolkitError(f"column {name!r} is not numeric or boolean") from None
 
 
-def aggregate_seeds(frames: list, keys: list[str], metrics: list[str]):
+def aggregate_seeds(frames: list[pd.DataFrame], keys: list[str], metrics: list[str]) -> pd.DataFrame:
     """Mean, SD and t interval of each metric across runs of one experiment with different seeds.
 
     Rows are matched across runs on ``keys`` (values compared after :func:`normalize_key`, so 2 and 2.0 match);
