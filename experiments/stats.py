@@ -516,8 +516,9 @@ def control(
             else:
                 rc = {"n_random": 0, "random_mean": float("nan"), "band_low": float("nan"),
                       "band_high": float("nan"), "percentile": float("nan"), "p_value": float("nan"),
-                      "exceeds_band": False}
-            row.update({k: rc[k] for k in ("random_mean", "band_low", "band_high", "percentile", "p_value")})
+                      "t": float("nan"), "p_parametric": float("nan"), "exceeds_band": False}
+            row.update({k: rc[k] for k in ("random_mean", "band_low", "band_high", "percentile", "p_value", "t",
+                                           "p_parametric")})
             row["exceeds_band"], row["n_random"] = rc["exceeds_band"], rc["n_random"]
             rows.append(row)
     if not rows:
@@ -526,23 +527,31 @@ def control(
     adjusted, corr_name = adjust_pvalues(res["p_value"].to_numpy(dtype=float), correction)
     res.insert(res.columns.get_loc("p_value") + 1, "p_adjusted", adjusted)
     res.insert(res.columns.get_loc("p_adjusted") + 1, "correction", corr_name)
+    res["p_parametric_adjusted"] = adjust_pvalues(res["p_parametric"].to_numpy(dtype=float), correction)[0]
     n_exceed = int(res["exceeds_band"].sum())
     n_sig = int((res["p_adjusted"] < 0.05).sum())
+    n_sig_t = int((res["p_parametric_adjusted"] < 0.05).sum())
+    n_rand = int(res["n_random"].max())
     with Run("stats", name, force) as out_run:
         out_run.write_csv("control.csv", res)
         final = out_run.finish(model=meta.get("model"), prompt_sets=_prompt_sets([meta]), seed=None,
                                params={"command": "control", "run": str(folder), "metric": metric, "kind": kind,
                                        "correction": correction, "source_seed": meta.get("seed")},
                                results={"rows": len(res), "n_exceeds_band": n_exceed,
-                                        "n_p_adjusted_below_0.05": n_sig, "correction": corr_name,
+                                        "n_p_adjusted_below_0.05": n_sig,
+                                        "n_p_parametric_adjusted_below_0.05": n_sig_t,
+                                        "min_empirical_p": 1 / (n_rand + 1), "correction": corr_name,
                                         "sources": [_source(folder, meta)]})
     show = res[[c for c in res.columns if c in group or c in ("alpha", "direction_index")]].copy()
     show["effect"], show[f"{kind} mean"] = res["learned_effect"], res["random_mean"]
     show[f"{kind} 95% band"] = [f"[{_fmt(r['band_low'])}, {_fmt(r['band_high'])}]" for _, r in res.iterrows()]
     show["pctl"], show["p"], show["p adj"] = res["percentile"], res["p_value"], res["p_adjusted"]
+    show["t"], show["p_t adj"] = res["t"], res["p_parametric_adjusted"]
     show["outside"], show["n"] = res["exceeds_band"], res["n_random"]
     _print(show, f"learned vs {kind} directions, effect on mean {metric} (vs alpha 0): {_label(meta)}",
            list(show.columns))
     console.print(f"{n_exceed} of {len(res)} rows outside the {kind} 95 % band; {n_sig} with {corr_name}-adjusted "
-                  "p < 0.05", highlight=False)
+                  f"empirical p < 0.05 (with {n_rand} {kind} directions no empirical p can be below "
+                  f"{1 / (n_rand + 1):.3f}); {n_sig_t} with {corr_name}-adjusted prediction-interval t-test p < 0.05 "
+                  "(assumes normally distributed random effects)", highlight=False)
     console.print(f"wrote {final}/control.csv")

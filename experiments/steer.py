@@ -307,6 +307,7 @@ def band_table(summary: pd.DataFrame, rates: bool) -> pd.DataFrame:
                     if lr["alpha"] != 0 and len(base):
                         ctl = random_control(float(lr[m]) - b0, at - b0)
                         row[f"{pfx}_p"] = ctl["p_value"]
+                        row[f"{pfx}_p_t"] = ctl["p_parametric"]
                         row[f"{pfx}_outside"] = bool(ctl["exceeds_band"])
             rows.append(row)
     return pd.DataFrame(rows)

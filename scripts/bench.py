@@ -1,4 +1,5 @@
-"""Benchmark: activation-collection throughput (prompt tokens per second) and the demo's wall time.
+"""Benchmark: activation-collection throughput (prompt tokens per second), steered scoring passes with and
+without a context cache, and the demo's wall time.
 
 Usage: ``python scripts/bench.py [--model M] [--n 64] [--batch-size 16] [--no-demo]``.
 Throughput counts every prompt token (the shared template prefix once per prompt, as if it had been run), so
@@ -56,6 +57,30 @@ def main() -> None:
         timed(f"collect resid_pre, layer {L // 2} (stops early) [{tag}]",
               lambda rr, e: rr.collect(e, [L // 2], ["resid_pre"], [-1], reduce="sum"), r, enc)
         timed(f"last-position logits [{tag}]", lambda rr, e: rr.logits(e), r, enc)
+
+    # steering passes: activation addition at the post-instruction positions of layer L/2, score only
+    from toolkit.interventions import activation_addition
+
+    r = Runner(lm, fmt, batch_size=args.batch_size, progress=False)
+    enc = r.encode(prompts)
+    v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
+    post = fmt.post_positions()
+
+    def steered(rr, e, ctx=None):
+        with activation_addition(lm.model, v, [L // 2], alpha=1.0, positions=post):
+            return rr.logits(e, context=ctx)
+
+    t = time.perf_counter()
+    ctx = r.context(enc, len(post), start_layer=L // 2)
+    el = time.perf_counter() - t
+    print(f"{'context cache (once per prompt set)':<58} {el:8.1f} s")
+    for label, c in (("full prompt", None), (f"context cache, last {len(post)} tokens from layer {L // 2}", ctx)):
+        steered(r, enc, c)  # warm-up
+        t = time.perf_counter()
+        steered(r, enc, c)
+        el = time.perf_counter() - t
+        print(f"{'steered score pass [' + label + ']':<58} {el:8.2f} s  ({len(enc)} prompts, "
+              f"{len(enc) / el:.1f} prompts/s)")
 
     if not args.no_demo:
         t = time.perf_counter()

@@ -116,6 +116,21 @@ def test_random_control_fixed_example():
         random_control(1.0, [])
 
 
+def test_random_control_prediction_interval_t_test():
+    from scipy import stats as st
+
+    randoms = np.arange(-2, 8)
+    r = random_control(5.5, randoms)
+    sd = np.std(randoms, ddof=1)
+    t = (5.5 - 2.5) / (sd * np.sqrt(1 + 1 / 10))
+    assert r["t"] == pytest.approx(t)
+    assert r["p_parametric"] == pytest.approx(2 * st.t.sf(t, 9))
+    # a learned effect far outside the random effects gets a p-value below the empirical floor 1/(n+1)
+    far = random_control(40.0, randoms)
+    assert far["p_value"] == pytest.approx(1 / 11) and far["p_parametric"] < 1e-4
+    assert np.isnan(random_control(1.0, [0.5])["p_parametric"])  # one random effect: no spread
+
+
 # ------------------------------------------------------------------------------------------------ dose-response
 DOSES = np.linspace(0.0, 8.0, 9)
 
@@ -533,7 +548,7 @@ def test_control_against_random_directions(runs):
     table, meta = read_stats_run(runs, "ctl", "control.csv")
     assert list(table.columns) == ["layer", "set", "part", "alpha", "metric", "learned_effect", "random_mean",
                                    "band_low", "band_high", "percentile", "p_value", "p_adjusted", "correction",
-                                   "exceeds_band", "n_random"]
+                                   "t", "p_parametric", "exceeds_band", "n_random", "p_parametric_adjusted"]
     assert table["alpha"].tolist() == [-2.0, 2.0]
     lo, hi = table.iloc[0], table.iloc[1]
     assert (hi["layer"], hi["set"], hi["part"], hi["metric"]) == (1, "h", "holdout", "score")

@@ -229,7 +229,12 @@ def random_control(learned: float, randoms: Sequence[float]) -> dict:
         effects (numpy, linear interpolation); ``percentile``: percentile rank (0-100) of ``learned`` among
         them (``scipy.stats.percentileofscore(kind="mean")``); ``p_value``: two-sided empirical p
         (1 + #{|r| >= |learned|}) / (n_random + 1), which counts the observed effect as one of the draws so it
-        is never zero (Phipson & Smyth 2010, "Permutation p-values should never be zero"); ``exceeds_band``:
+        is never zero (Phipson & Smyth 2010, "Permutation p-values should never be zero"), so it cannot go
+        below ``1 / (n_random + 1)``; ``t``, ``p_parametric``: a two-sided prediction-interval t test of whether
+        ``learned`` could be one more draw from a normal distribution fitted to the random effects,
+        ``t = (learned - mean) / (sd * sqrt(1 + 1/n))`` with ``n - 1`` degrees of freedom (scipy's t
+        distribution; NaN with fewer than 2 random effects or zero spread), which can resolve small p-values
+        that a few random directions cannot, at the price of the normality assumption; ``exceeds_band``:
         ``learned`` lies outside [band_low, band_high]. With a NaN ``learned`` every derived value is NaN and
         ``exceeds_band`` is False.
 
@@ -252,8 +257,13 @@ def random_control(learned: float, randoms: Sequence[float]) -> dict:
         pct = float(st.percentileofscore(r, x, kind="mean"))
         p = (1 + int(np.sum(np.abs(r) >= abs(x)))) / (len(r) + 1)
         exceeds = bool(x < lo or x > hi)
+    t = p_t = float("nan")
+    sd = float(r.std(ddof=1)) if len(r) > 1 else 0.0
+    if not np.isnan(x) and sd > 0:
+        t = (x - float(r.mean())) / (sd * np.sqrt(1 + 1 / len(r)))
+        p_t = float(2 * st.t.sf(abs(t), len(r) - 1))
     return {"n_random": len(r), "random_mean": float(r.mean()), "band_low": lo, "band_high": hi,
-            "percentile": pct, "p_value": p, "exceeds_band": exceeds}
+            "percentile": pct, "p_value": p, "t": float(t), "p_parametric": p_t, "exceeds_band": exceeds}
 
 
 # ------------------------------------------------------------------------------------------- dose-response
