@@ -23,6 +23,21 @@ demo:
     refusal ablate --direction runs/extract/{{demo_name}} --baseline runs/score/{{demo_name}} --name {{demo_name}} --force
     refusal compare runs/score/{{demo_name}} runs/extract/{{demo_name}} runs/ablate/{{demo_name}} --name {{demo_name}} --force
 
+# A Refusal Dial direction learned at layer 12 on one hash-split half of `borderline`, steered over alpha in
+# [-0.6, 0.6] (x mean residual norm) at the post-instruction tokens, evaluated on both halves and on harmful
+# prompts beside 8 random and 4 orthogonal-random directions; then the random-direction control statistics.
+# Steering with controls on the default model (about 9 min here)
+steer-demo:
+    refusal steer --learn borderline --layers 12 --alpha=-0.6:0.6:0.15 --random 8 --orthogonal 4 --sets harmful --limit 40 --name {{demo_name}} --force
+    refusal stats control runs/steer/{{demo_name}} --name steer-control-{{demo_name}} --force
+
+# Learns the layer-12 Refusal Dial direction (one baseline pass), then generates on harmful and borderline
+# prompts at 7 doses.
+# Dose-response on the default model: rates, ED50s, TI-S and the plot
+dose-response-demo:
+    refusal steer --learn borderline --layers 12 --alpha 0 --sets harmful --limit 2 --no-plot --name dose-direction-{{demo_name}} --force -q
+    refusal dose-response --direction runs/steer/dose-direction-{{demo_name}}/direction_L12.safetensors --alpha=-0.3:0.6:0.15 --limit 60 --name {{demo_name}} --force
+
 # Benchmark: activation-collection throughput (prompt tokens/s) and the demo's wall time
 bench:
     {{python}} scripts/bench.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from dataclasses import dataclass
@@ -93,6 +94,20 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+@contextlib.contextmanager
+def sweep_bar(runner, total: int, desc: str, quiet: bool):
+    """One progress bar over the points of a sweep (``total`` passes), with the runner's per-pass bars muted."""
+    from tqdm.auto import tqdm
+
+    progress, runner.progress = runner.progress, False
+    bar = tqdm(total=total, desc=desc, unit="pass", disable=quiet, leave=False, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+        runner.progress = progress
 
 
 def summary_row(set_name: str, split: str | None, condition: str, refusals, scores, kl=None) -> dict:

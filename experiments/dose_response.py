@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pandas as pd
 import typer
-from tqdm.auto import tqdm
 
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES, check_layer
@@ -18,7 +17,7 @@ from toolkit.steering import SCALES, measure, parse_alphas, parse_positions, sca
 
 from .ablate import check_direction_matches, resolve_direction
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, open_session, out)
+                     console, handle_errors, open_session, out, sweep_bar)
 from .steer import PositionsOpt, ScaleOpt, SiteOpt
 
 
@@ -88,28 +87,23 @@ def dose_response(
         resid_norm = float(np.concatenate([n.numpy() for n in norms]).astype(np.float64).mean())
         raw = float(dvec.double().norm())
         s = scale_value(scale, raw, resid_norm)
+        coh = [r.context(enc, 1, desc="prompt cache") for enc in encs]  # coherence passes: completion tokens only
         vec = (dvec.double() / raw).float() * s
         run.time("norms", time.time() - t0)
 
         t0 = time.time()
         rows = []
-        progress, r.progress = r.progress, False
-        bar = tqdm(total=len(alphas) * len(sets), desc="dose-response", unit="pass", disable=quiet, leave=False,
-                   dynamic_ncols=True)
-        try:
+        with sweep_bar(r, len(alphas) * len(sets), "dose-response", quiet) as bar:
             for a in alphas:
-                for (role, ps), enc in zip(sets, encs):
+                for (role, ps), enc, cctx in zip(sets, encs, coh):
                     res = measure(r, enc, ses.refusal_ids, gen_tokens, vector=vec, layers=[layer], alpha=a,
-                                  positions=pos, site=site)
+                                  positions=pos, site=site, coherence_context=cctx)
                     for i, rec in enumerate(ps.records):
                         rows.append({"alpha": a, "set": ps.name, "role": role, "id": rec["id"],
                                      "score": float(res["score"][i]), "refusal": bool(res["refusal"][i]),
                                      "degenerate": bool(res["degenerate"][i]),
                                      "coherence": float(res["coherence"][i]), "completion": res["completion"][i]})
                     bar.update(1)
-        finally:
-            bar.close()
-            r.progress = progress
         run.time("sweep", time.time() - t0)
         df = pd.DataFrame(rows)
         summary = summarise_doses(df)
@@ -208,8 +202,12 @@ def print_dose(summary: pd.DataFrame, fits: pd.DataFrame, ti: dict) -> None:
             out.print(f"ED50 {f.role} {f.measure}: {f.ed50:.3f} [{f.ci_low:.3f}, {f.ci_high:.3f}] "
                       f"({f.n_inside}/{f.n_resamples} resamples inside the grid)", highlight=False)
     if ti.get("ti") is not None:
-        out.print(f"TI-S = ED50(benign) / ED50(harmful) = {ti['ti']:.2f} [{ti['ti_ci_low']:.2f}, {ti['ti_ci_high']:.2f}]",
-                  highlight=False)
+        n_def, n_all = ti.get("n_ti_defined", 0), ti.get("n_resamples", 0)
+        note = f" ({n_def}/{n_all} bootstrap resamples have both ED50s positive"
+        if n_all and n_def < 0.95 * n_all:
+            note += "; in the rest TI-S is undefined, so this interval is conditional and unreliable: see the window"
+        out.print(f"TI-S = ED50(benign) / ED50(harmful) = {ti['ti']:.2f} [{ti['ti_ci_low']:.2f}, "
+                  f"{ti['ti_ci_high']:.2f}]{note})", highlight=False)
     else:
         out.print(f"TI-S: not defined ({ti.get('ti_reason')})", highlight=False)
     if ti.get("window") is not None:

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import torch
 import typer
-from tqdm.auto import tqdm
 
 from toolkit.directions import save_direction
 from toolkit.errors import ToolkitError
@@ -21,7 +20,7 @@ from toolkit.steering import (SCALES, dial_direction, hash_split, measure, monot
 
 from .ablate import check_direction_matches, resolve_direction
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, open_session, out)
+                     console, handle_errors, open_session, out, sweep_bar)
 from .extract import parse_int_list
 
 SiteOpt = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}")
@@ -136,8 +135,11 @@ def steer(
 
         # baseline: one pass, reading the residual at the steered layers (post-instruction positions)
         t0 = time.time()
+        coh_ctx = r.context(enc, 1, desc="prompt cache") if gen_tokens > 0 else None
         with r.capture(len(allp), layer_list, [site], post) as acts:
-            base = measure(r, enc, ses.refusal_ids, gen_tokens, desc="baseline")
+            base = measure(r, enc, ses.refusal_ids, gen_tokens, coherence=False, desc="baseline")
+        if gen_tokens > 0:  # after the capture, whose hooks would also record this pass
+            base["coherence"] = r.continuation_logprob(enc, base["tokens"], context=coh_ctx)
         a = acts[site]  # [n, n_layers, n_post, d]
         resid_norm = {l: float(a[:, li].norm(dim=-1).double().mean()) for li, l in enumerate(layer_list)}
         run.time("baseline", time.time() - t0)
@@ -193,9 +195,7 @@ def steer(
         nonzero = [x for x in alphas if x != 0]
         total = len(layer_list) * len(dirs) * len(nonzero)
         rows = []
-        progress, r.progress = r.progress, False
-        bar = tqdm(total=total, desc="steer", unit="pass", disable=quiet, leave=False, dynamic_ncols=True)
-        try:
+        with sweep_bar(r, total, "steer", quiet) as bar:
             for l in layer_list:
                 for kind, idx, dseed, vecs in dirs:
                     vec = vecs[l] * scales[l]
@@ -204,13 +204,10 @@ def steer(
                             res = base
                         else:
                             res = measure(r, enc, ses.refusal_ids, gen_tokens, vector=vec, layers=[l], alpha=x,
-                                          positions=pos, site=site, context=ctx)
+                                          positions=pos, site=site, context=ctx, coherence_context=coh_ctx)
                             bar.update(1)
                         for u in units:
                             rows += _rows(res, u, kind, idx, dseed, l, site, positions, x, scales[l])
-        finally:
-            bar.close()
-            r.progress = progress
         run.time("sweep", time.time() - t0)
         res_df = pd.DataFrame(rows)
         summary = summarise(res_df)

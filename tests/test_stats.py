@@ -15,9 +15,8 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 from statsmodels.stats.multitest import multipletests
-from typer.testing import CliRunner
 
-from experiments.cli import app
+from test_cli import assert_ok, assert_usage_error, invoke
 from toolkit.errors import ToolkitError
 from toolkit.stats import (adjust_pvalues, aggregate_seeds, bootstrap_ed50, ed50, logistic_fit, mcnemar_exact,
                            paired_ttest, random_control, therapeutic_index, welch_ttest)
@@ -243,40 +242,6 @@ def test_aggregate_seeds_exact():
 
 
 # ------------------------------------------------------------------------------------------------ CLI helpers
-def invoke(args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def output_of(result) -> str:
-    text = result.output
-    try:
-        err = result.stderr
-    except (ValueError, AttributeError):
-        err = ""
-    if err and err not in text:
-        text += err
-    return text
-
-
-def assert_ok(result) -> str:
-    out = output_of(result)
-    assert result.exit_code == 0, f"exit {result.exit_code}: {out}\n{result.exception!r}"
-    assert "Traceback" not in out
-    return out
-
-
-def assert_usage_error(result, *needles: str) -> str:
-    """Exit 2 with a single 'error:' line holding every needle, no traceback."""
-    out = output_of(result)
-    assert result.exit_code == 2, f"exit {result.exit_code}: {out}\n{result.exception!r}"
-    assert "Traceback" not in out
-    errs = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errs) == 1, out
-    for n in needles:
-        assert n in errs[0], (n, errs[0])
-    return errs[0]
-
-
 MODEL = {"id": "fake-model", "hash": "a" * 64}
 
 

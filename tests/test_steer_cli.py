@@ -154,3 +154,18 @@ def test_dose_response_bad_input(tiny_env, runs, tmp_path, extra, needle):
     save_direction(f, torch.randn(32), {"layer": 2})
     assert_usage_error(invoke(["dose-response", "--model", model, "--direction", f, "--harmful", h, "--benign", b,
                                *FAST, *extra]), needle)
+
+
+def test_generation_does_not_change_what_is_learned(tiny_env, runs):
+    # the baseline's activation capture must see only the prompt pass, not the coherence pass after generation
+    for name, gen in (("nogen", "0"), ("gen", "3")):
+        assert_ok(invoke(steer_args(tiny_env, "--name", name, "--gen-tokens", gen, "--random", "0",
+                                    "--orthogonal", "0", "--alpha", "0,1", "--no-plot")))
+    d0, m0 = load_direction(runs / "steer" / "nogen" / "direction_L2.safetensors")
+    d1, m1 = load_direction(runs / "steer" / "gen" / "direction_L2.safetensors")
+    assert torch.equal(d0, d1)
+    s0 = json.loads((runs / "steer" / "nogen" / "run.json").read_text())["results"]["scale"]["resid_norm"]
+    s1 = json.loads((runs / "steer" / "gen" / "run.json").read_text())["results"]["scale"]["resid_norm"]
+    assert s0 == pytest.approx(s1, rel=1e-6)
+    g = pd.read_csv(runs / "steer" / "gen" / "results.csv")
+    assert g.coherence.notna().any() and (g.coherence.dropna() < 0).all()

@@ -223,3 +223,19 @@ def test_measure_with_generation_judges_and_scores(qwen):
         logits = r.logits(enc)
     assert np.allclose(res["score"], refusal_score(logits, [3]).numpy(), atol=1e-4)
     assert [is_degenerate(t) for t in res["completion"]] == list(res["degenerate"])
+
+
+def test_continuation_logprob_from_a_prompt_cache_is_exact(tiny):
+    r = Runner(tiny, ChatFormat(tiny.tokenizer), batch_size=3, progress=False)
+    enc = r.encode(PROMPTS)
+    conts = [[5, 6, 7], [8], [], [9, 10], [11, 12, 13, 14], [5], [6, 6], [7]]
+    ctx = r.context(enc, 1)
+    plain = r.continuation_logprob(enc, conts)
+    cached = r.continuation_logprob(enc, conts, context=ctx)
+    assert np.isnan(cached[2]) and np.isnan(plain[2])
+    assert np.allclose(np.delete(cached, 2), np.delete(plain, 2), atol=1e-4)
+    with pytest.raises(ToolkitError, match="k = 1"):
+        r.continuation_logprob(enc, conts, context=r.context(enc, 2))
+    with activation_addition(tiny.model, torch.randn(tiny.d_model), [1], alpha=1.0, positions=[-1]):
+        with pytest.raises(ToolkitError, match="unmodified"):
+            r.continuation_logprob(enc, conts, context=ctx)

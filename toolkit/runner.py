@@ -546,16 +546,48 @@ class Runner:
             first[torch.tensor(b.index)] = lg
         return (texts, first, tokens) if with_tokens else (texts, first)
 
+    def _continuation_from_context(self, ctx: Context, conts: list[list[int]], out: np.ndarray,
+                                   desc: str) -> np.ndarray:
+        """Continuations right-padded after each prompt's last token, over the cached keys/values of the rest."""
+        with self._pass():
+            for b, cache, ids, pos, mask, _ in tqdm(ctx.parts, desc=desc, disable=not self.progress, leave=False):
+                self._start(b)
+                lens = [len(conts[i]) for i in b.index]
+                m = max(lens)
+                if m == 0:
+                    continue
+                n = len(b.index)
+                tail = torch.full((n, m), self.pad_id, dtype=torch.long, device=ids.device)
+                tmask = torch.zeros((n, m), dtype=mask.dtype, device=mask.device)
+                for r, i in enumerate(b.index):
+                    if lens[r]:
+                        tail[r, : lens[r]] = torch.tensor(conts[i], device=ids.device)
+                        tmask[r, : lens[r]] = 1
+                step = torch.arange(1, m + 1, device=pos.device)
+                logits = self.model(input_ids=torch.cat([ids, tail], 1),
+                                    position_ids=torch.cat([pos, pos[:, -1:] + step], 1),
+                                    attention_mask=torch.cat([mask, tmask], 1),
+                                    past_key_values=copy.deepcopy(cache), use_cache=True).logits.float()
+                logp = torch.log_softmax(logits[:, :-1], -1)  # position j predicts tail token j
+                for r, i in enumerate(b.index):
+                    if lens[r]:
+                        lp = logp[r, : lens[r]].gather(-1, tail[r, : lens[r]].unsqueeze(-1)).squeeze(-1)
+                        out[i] = float(lp.double().mean())
+        return out
+
     def continuation_logprob(self, enc: Encoded, continuations: Sequence[Sequence[int]],
-                             desc: str = "log-likelihood") -> np.ndarray:
+                             desc: str = "log-likelihood", context: Context | None = None) -> np.ndarray:
         """Mean per-token log-likelihood of each continuation given its prompt, in nats per token, ``[n_prompts]``.
 
         ``log p(c_1..c_m | prompt) / m`` under whatever hooks are active (normally none: the base model judging
         steered text, a coherence measure that does not depend on refusal). NaN for an empty continuation.
         One forward pass over prompt + continuation; the LM head sees only the last ``max m + 1`` positions.
+        With ``context`` (from :meth:`context` on ``enc`` with ``k = 1`` and ``start_layer = 0``, computed once
+        for many calls) only the last prompt token and the continuation are computed.
 
         Raises:
-            ToolkitError: the number of continuations differs from the number of prompts.
+            ToolkitError: the number of continuations differs from the number of prompts, or a context that is
+                not for ``enc`` with ``k = 1`` and ``start_layer = 0``, or used under an active intervention.
         """
         if len(continuations) != len(enc):
             raise ToolkitError(f"{len(continuations)} continuations for {len(enc)} prompts")
@@ -564,6 +596,12 @@ class Runner:
         keep = [i for i, c in enumerate(conts) if c]
         if not keep:
             return out
+        if context is not None:
+            if context.enc is not enc or context.k != 1 or context.start_layer != 0:
+                raise ToolkitError("continuation_logprob needs a context for these prompts with k = 1, start layer 0")
+            if PHASE.unbounded or PHASE.depths or PHASE.layers:
+                raise ToolkitError("a context cache describes the unmodified model; remove interventions first")
+            return self._continuation_from_context(context, conts, out, desc)
         full = Encoded([list(enc.ids[i]) + conts[i] for i in keep], enc.prefix_len)
         for b, cache in self._iterate(full, desc):
             lens = [len(conts[keep[i]]) for i in b.index]

@@ -240,7 +240,8 @@ MEASURES = ("score", "refusal", "degenerate", "coherence")
 
 def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector: torch.Tensor | None = None,
             layers: Sequence[int] = (), alpha: float = 0.0, positions: Sequence[int] | None = None,
-            site: str = "resid_pre", context=None, desc: str = "steer") -> dict:
+            site: str = "resid_pre", context=None, coherence: bool = True, coherence_context=None,
+            desc: str = "steer") -> dict:
     """Measure prompts under activation addition ``x <- x + alpha * vector`` (none when ``alpha == 0`` or no vector).
 
     Per prompt: the logit refusal score (one forward pass, reusing ``context`` when given); with
@@ -255,10 +256,14 @@ def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector:
         vector: ``[d_model]`` vector added (already multiplied by its scale), or None.
         layers, alpha, positions, site: as :func:`toolkit.interventions.activation_addition`.
         context: a :class:`toolkit.runner.Context` for ``enc`` (score-only passes, position-addressed steering).
+        coherence: compute coherence (False inside an activation capture, whose hooks would also record the
+            coherence pass; compute it afterwards from ``tokens``).
+        coherence_context: a ``k = 1`` context for ``enc`` (``Runner.context(enc, 1)``) that makes the coherence
+            pass compute only the completion's tokens.
 
     Returns:
         ``{"score": [n] float, "refusal": [n] bool | None, "degenerate": [n] bool | None, "coherence": [n] float
-        | None, "completion": list[str] | None}``.
+        | None, "completion": list[str] | None, "tokens": generated token ids per prompt | None}``.
 
     Raises:
         ToolkitError: from the runner or the intervention (bad positions, sites, layers).
@@ -277,9 +282,11 @@ def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector:
             logits = runner.logits(enc, desc=desc, context=context if positions is not None else None)
             texts = toks = None
     res = {"score": refusal_score(logits, refusal_ids).numpy(), "refusal": None, "degenerate": None,
-           "coherence": None, "completion": texts}
+           "coherence": None, "completion": texts, "tokens": toks}
     if texts is not None:
         res["refusal"] = np.array([is_refusal(t) for t in texts], dtype=bool)
         res["degenerate"] = np.array([is_degenerate(t) for t in texts], dtype=bool)
-        res["coherence"] = runner.continuation_logprob(enc, toks, desc=f"{desc} coherence")
+        if coherence:
+            res["coherence"] = runner.continuation_logprob(enc, toks, desc=f"{desc} coherence",
+                                                           context=coherence_context)
     return res
