@@ -86,6 +86,17 @@ def test_random_control_is_reproducible_by_seed(tiny_env, runs):
     ra, rb, rc = (read[n][read[n].kind == "random"] for n in "abc")
     pd.testing.assert_frame_equal(ra.reset_index(drop=True), rb.reset_index(drop=True))
     assert set(ra.direction_seed) != set(rc.direction_seed)
+    # the seeds command aggregates the two seeds' summaries row by row; the same seed twice is refused
+    assert_ok(invoke(["stats", "seeds", runs / "steer" / "a", runs / "steer" / "c", "--name", "agg"]))
+    agg = pd.read_csv(runs / "stats" / "agg" / "seeds.csv")
+    sa, sc = (pd.read_csv(runs / "steer" / n / "summary.csv") for n in "ac")
+    key = (sa.kind == "learned") & (sa.set == "h") & (sa.alpha == 2)
+    row = agg[(agg.kind == "learned") & (agg.set == "h") & (agg.alpha == 2) & (agg.metric == "mean_score")]
+    assert len(row) == 1 and row.n_seeds.iloc[0] == 2
+    expected = (sa[key].mean_score.iloc[0] + sc[(sc.kind == "learned") & (sc.set == "h") & (sc.alpha == 2)]
+                .mean_score.iloc[0]) / 2
+    assert row["mean"].iloc[0] == pytest.approx(expected)
+    assert_usage_error(invoke(["stats", "seeds", runs / "steer" / "a", runs / "steer" / "b"]), "seed")
 
 
 def test_steer_with_a_direction_file_and_generation(tiny_env, runs, tmp_path):

@@ -85,18 +85,20 @@ def dose_response_plot(summary: pd.DataFrame, curves: dict, path: Path) -> Path:
         if s.empty:
             continue
         err = np.vstack([s[f"{m}_rate"] - s[f"{m}_ci_low"], s[f"{m}_ci_high"] - s[f"{m}_rate"]])
+        c = curves.get(role) if m == "refusal" else None
+        if c is not None:
+            ed = c.get("ed50")
+            label += f" (ED50 {ed:.3g})" if ed is not None and np.isfinite(ed) else " (no ED50 in the grid)"
         ax.errorbar(s.alpha, s[f"{m}_rate"], yerr=err, color=colour, marker="o", ms=4, lw=0 if m == "refusal" else 1,
                     elinewidth=1, capsize=2, label=label)
-        c = curves.get(role) if m == "refusal" else None
         if c and c.get("slope") is not None and np.isfinite(c["slope"]):
             ax.plot(grid, 1 / (1 + np.exp(-(c["intercept"] + c["slope"] * grid))), color=colour, lw=1.5)
-            if c.get("ed50") is not None:
+            if c.get("ed50") is not None and np.isfinite(c["ed50"]):
                 ax.axvline(c["ed50"], color=colour, ls=":", lw=1)
-                ax.text(c["ed50"], 1.03, f"ED50 {c['ed50']:.2f}", color=colour, ha="center", fontsize=8)
     ax.axhline(0.5, color="k", lw=0.5, ls="--")
     ax.set_xlabel("alpha")
     ax.set_ylabel("rate")
-    ax.set_ylim(-0.02, 1.1)
+    ax.set_ylim(-0.02, 1.05)
     ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
