@@ -180,3 +180,43 @@ def test_generation_does_not_change_what_is_learned(tiny_env, runs):
     assert s0 == pytest.approx(s1, rel=1e-6)
     g = pd.read_csv(runs / "steer" / "gen" / "results.csv")
     assert g.coherence.notna().any() and (g.coherence.dropna() < 0).all()
+
+
+def test_steer_at_all_positions_matches_hooks_without_context(tiny_env, runs, tmp_path):
+    # --positions all cannot use a context cache; its scores equal a direct activation addition at every position
+    from toolkit.interventions import activation_addition
+    from toolkit.models import load_model
+    from toolkit.prompts import load_prompt_set
+    from toolkit.runner import Runner
+    from toolkit.scoring import refusal_token_ids, refusal_score
+    from toolkit.templates import ChatFormat
+
+    base, model, h, b = tiny_env
+    d = torch.randn(32)
+    f = tmp_path / "dir.safetensors"
+    save_direction(f, d, {"layer": 1})
+    assert_ok(invoke(["steer", "--model", model, "--direction", f, "--sets", h, "--alpha", "0,2", "--positions",
+                      "all", "--scale", "unit", "--name", "all", *FAST]))
+    df = pd.read_csv(runs / "steer" / "all" / "results.csv")
+    got = df[df.alpha == 2].set_index("id").score
+    lm = load_model(str(model))
+    r = Runner(lm, ChatFormat(lm.tokenizer), batch_size=4, progress=False)
+    ps = load_prompt_set(str(h)).select("test")
+    with activation_addition(lm.model, d / d.norm(), [1], alpha=2.0):
+        logits = r.logits(r.encode(ps.prompts))
+    expected = refusal_score(logits, refusal_token_ids(lm.tokenizer)).numpy()
+    assert np.allclose(got.loc[ps.ids].to_numpy(), expected, atol=1e-5)
+    assert not np.allclose(df[df.alpha == 0].set_index("id").score.loc[ps.ids].to_numpy(), expected, atol=1e-3)
+
+
+def test_more_bad_input(tiny_env, runs, tmp_path):
+    base, model, h, b = tiny_env
+    f = tmp_path / "nolayer.safetensors"
+    save_direction(f, torch.randn(32), {})
+    assert_usage_error(invoke(["dose-response", "--model", model, "--direction", f, "--harmful", h, "--benign", b,
+                               *FAST]), "--layer")
+    assert_usage_error(invoke(["steer", "--model", model, "--learn", b, "--top-k", "2", "--sets", tmp_path / "missing.jsonl",
+                               *FAST]), "missing.jsonl")
+    wide = tmp_path / "wide.safetensors"
+    save_direction(wide, torch.randn(64), {"layer": 1})
+    assert_usage_error(invoke(["steer", "--model", model, "--direction", wide, "--sets", h, *FAST]), "d_model")
