@@ -63,6 +63,12 @@ def save_tiny(folder: Path) -> Path:
     return folder
 
 
+def tiny_files(base: Path) -> tuple[Path, Path, Path]:
+    """The tiny Qwen2 checkpoint and the harmful/harmless JSONL sets, written under ``base``."""
+    return (save_tiny(base / "tiny-qwen2"), write_set(base / "h.jsonl", HARMFUL, "h"),
+            write_set(base / "b.jsonl", HARMLESS, "b"))
+
+
 def invoke(args: list[str]):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -135,9 +141,7 @@ def sets(tmp_path):
 def pipeline(tmp_path_factory):
     """Run once: extract (all layers) -> ablate --save -> compare, in one module-level runs folder."""
     base = tmp_path_factory.mktemp("pipeline")
-    model = save_tiny(base / "tiny-qwen2")
-    h = write_set(base / "h.jsonl", HARMFUL, "h")
-    b = write_set(base / "b.jsonl", HARMLESS, "b")
+    model, h, b = tiny_files(base)
     res = {"base": base, "model": model, "h": h, "b": b, "runs": base / "runs", "saved": base / "ortho"}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REFUSAL_RUNS", str(base / "runs"))

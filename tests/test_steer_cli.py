@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from test_cli import HARMFUL, HARMLESS, assert_ok, assert_usage_error, entries, invoke, save_tiny, write_set
+from test_cli import assert_ok, assert_usage_error, entries, invoke, tiny_files
 from toolkit.directions import load_direction, save_direction
 from toolkit.steering import hash_split
 
@@ -19,10 +19,7 @@ FAST = ["--quiet", "--batch-size", "4"]
 @pytest.fixture(scope="module")
 def tiny_env(tmp_path_factory):
     base = tmp_path_factory.mktemp("steer")
-    model = save_tiny(base / "tiny-qwen2")
-    h = write_set(base / "h.jsonl", HARMFUL, "h")
-    b = write_set(base / "b.jsonl", HARMLESS, "b")
-    return base, model, h, b
+    return (base, *tiny_files(base))
 
 
 @pytest.fixture
