@@ -193,9 +193,9 @@ def scale_value(kind: str, raw_norm: float, resid_norm: float | None) -> float:
     * ``unit``: ``s = 1`` (alpha in residual-stream units);
     * ``raw``: ``s = ||r||``, the direction's own norm (alpha 1 adds the raw difference-in-means, as Arditi et
       al.'s activation addition does);
-    * ``resid``: ``s`` = mean L2 norm of the residual stream at that site and layer over the post-instruction
-      positions of the evaluated prompts (alpha 1 adds a vector as long as a typical activation there), so alphas
-      compare across layers and models.
+    * ``resid``: ``s`` = mean L2 norm of the activation at that hook site and layer (the residual stream itself
+      for ``resid_*`` sites) over the post-instruction positions of the evaluated prompts (alpha 1 adds a vector
+      as long as a typical activation there), so alphas compare across layers and models.
 
     Raises:
         ToolkitError: unknown kind, or ``resid`` without a measured norm.
