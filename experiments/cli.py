@@ -29,7 +29,12 @@ app.command("dose-response")(dose_response)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM (e.g. ``kill``, a scheduler's time limit) exits like an error, so the
+    half-written run folder is removed as it is on Ctrl-C."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     app()
 
 

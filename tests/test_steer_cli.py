@@ -217,3 +217,30 @@ def test_more_bad_input(tiny_env, runs, tmp_path):
     wide = tmp_path / "wide.safetensors"
     save_direction(wide, torch.randn(64), {"layer": 1})
     assert_usage_error(invoke(["steer", "--model", model, "--direction", wide, "--sets", h, *FAST]), "d_model")
+
+
+def test_sigterm_leaves_no_half_written_run(tiny_env, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base, model, h, b = tiny_env
+    runs_dir = tmp_path / "runs"
+    f = tmp_path / "dir.safetensors"
+    save_direction(f, torch.randn(32), {"layer": 1})
+    code = ("import sys; from experiments.cli import main; sys.argv = ['refusal'] + sys.argv[1:]; main()")
+    args = ["steer", "--model", str(model), "--direction", str(f), "--sets", str(h), "--alpha=-2:2:0.02",
+            "--random", "100", "--name", "killed", "-q", "-b", "4"]
+    env = dict(os.environ, REFUSAL_RUNS=str(runs_dir))
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (runs_dir / "steer").is_dir() or not any((runs_dir / "steer").iterdir()):
+        assert proc.poll() is None and time.time() - t0 < 60, "the run never started"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert entries(runs_dir / "steer") == set()
