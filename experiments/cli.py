@@ -6,8 +6,12 @@ import typer
 
 from .ablate import ablate
 from .compare import compare
+from .cones import cones
 from .dose_response import dose_response
 from .extract import extract
+from .geometry import geometry
+from .imprint import imprint_cmd
+from .plot_residuals import plot_residuals
 from .score import score
 from .stats import stats_app
 from .steer import steer
@@ -26,6 +30,10 @@ app.command("compare")(compare)
 app.add_typer(stats_app, name="stats")
 app.command("steer")(steer)
 app.command("dose-response")(dose_response)
+app.command("cones")(cones)
+app.command("geometry")(geometry)
+app.command("imprint")(imprint_cmd)
+app.command("plot-residuals")(plot_residuals)
 
 
 def main() -> None:

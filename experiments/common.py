@@ -140,3 +140,35 @@ def print_summary(df: pd.DataFrame, title: str, extra_cols: tuple[str, ...] = ()
                                                    str(int(r["n"])), rate, score, kl]
         t.add_row(*vals)
     out.print(t)
+
+
+def layer_list(lm, spec: str | None, default: list[int] | None = None) -> list[int]:
+    """Layers from ``'12'``, ``'8,12,16'`` or ``'4:8'`` (negative counts from the end), validated against the model;
+    ``default`` (else every layer) when ``spec`` is None.
+
+    Raises:
+        ToolkitError: not integers, a layer out of range, or no layer.
+    """
+    from toolkit.hooks import check_layer
+
+    from .extract import parse_int_list
+
+    if spec is None:
+        return list(default) if default is not None else list(range(lm.n_layers))
+    layers = list(dict.fromkeys(check_layer(lm.model, l) for l in parse_int_list(spec, "--layers")))
+    if not layers:
+        raise ToolkitError(f"--layers {spec!r} names no layer")
+    return layers
+
+
+def residuals(runner, prompts: list[str], layers: list[int], site: str, position: int, desc: str):
+    """Residual-stream activations ``[n_prompts, n_layers, d_model]`` float32 at one site and prompt position
+    (negative index), read in one pass that stops after the last needed layer.
+
+    Raises:
+        ToolkitError: unknown site, layer out of range, non-negative or too deep a position.
+    """
+    if position >= 0:
+        raise ToolkitError(f"--position must be a negative index from the end of the prompt, got {position}")
+    enc = runner.encode(prompts)
+    return runner.collect(enc, layers, [site], [position], desc=desc)[site][:, :, 0]

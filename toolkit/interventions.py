@@ -58,14 +58,71 @@ def directional_ablation(model: nn.Module, direction: torch.Tensor, layers: Sequ
     """
     r_hat = _check_direction(model, direction).double()
     r_hat = (r_hat / r_hat.norm()).float()
-    n = len(decoder_layers(model))
-    layers = list(range(n)) if layers is None else list(layers)
 
     def fn(x):
         return project_out(x, r_hat)
 
+    with _everywhere(model, fn, layers):
+        yield
+
+
+@contextlib.contextmanager
+def _everywhere(model: nn.Module, fn, layers: Sequence[int] | None) -> Iterator[None]:
+    """Apply ``fn`` at ``resid_pre``, ``attn_out`` and ``mlp_out`` of ``layers`` (default all), every position."""
+    n = len(decoder_layers(model))
+    layers = list(range(n)) if layers is None else list(layers)
     specs = [(site, l, fn) for l in layers for site in ("resid_pre", "attn_out", "mlp_out")]
     with hooked(model, specs), unbounded_intervention():
+        yield
+
+
+def orthonormal_basis(vectors: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """An orthonormal basis ``[k', d]`` (float64, Gram-Schmidt order: the first row is ``vectors[0]`` normalised)
+    of the span of the rows of ``vectors`` ``[k, d]``, from a QR decomposition; rows that add less than ``tol``
+    (relative) to the span are dropped, so ``k' <= k``.
+
+    Raises:
+        ToolkitError: not a ``[k, d]`` matrix, non-finite, or all zero.
+    """
+    v = vectors.detach().to("cpu", torch.float64)
+    if v.ndim != 2 or v.shape[0] == 0 or not torch.isfinite(v).all():
+        raise ToolkitError(f"a subspace needs a finite [k, d] matrix, got shape {tuple(v.shape)}")
+    q, r = torch.linalg.qr(v.T)  # v.T = q r; columns of q span the rows of v in order
+    diag = r.diagonal().abs()
+    if float(diag.max()) == 0.0:
+        raise ToolkitError("cannot build a subspace from zero vectors")
+    keep = diag > tol * diag.max()
+    q = q[:, keep] * torch.sign(r.diagonal()[keep])  # sign so the first row points like vectors[0]
+    return q.T.contiguous()
+
+
+@contextlib.contextmanager
+def subspace_ablation(model: nn.Module, vectors: torch.Tensor, layers: Sequence[int] | None = None
+                      ) -> Iterator[None]:
+    """Ablate the span of several directions: ``x <- x - Q^T Q x`` with ``Q`` an orthonormal basis of the rows of
+    ``vectors`` (:func:`orthonormal_basis`), at the same sites, layers and positions as
+    :func:`directional_ablation` (which it equals for one direction). Used to test whether several refusal
+    directions (e.g. per-category concept-cone directions) matter beyond one.
+
+    Args:
+        vectors: ``[k, d_model]``, any norms; need not be orthogonal.
+        layers: block indices, default all.
+
+    Raises:
+        ToolkitError: wrong width, zero or non-finite vectors, layer out of range.
+    """
+    d = model.config.get_text_config().hidden_size
+    if vectors.ndim != 2 or vectors.shape[1] != d:
+        raise ToolkitError(f"vectors have shape {tuple(vectors.shape)}, but the model's d_model is {d}")
+    q = orthonormal_basis(vectors).float()
+
+    def fn(x):
+        work = torch.promote_types(x.dtype, torch.float32)
+        qq = q.to(device=x.device, dtype=work)
+        xf = x.to(work)
+        return (xf - (xf @ qq.T) @ qq).to(x.dtype)
+
+    with _everywhere(model, fn, layers):
         yield
 
 

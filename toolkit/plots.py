@@ -104,3 +104,158 @@ def dose_response_plot(summary: pd.DataFrame, curves: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def cones_plot(cones: pd.DataFrame, pairs: pd.DataFrame, layer: int, path: Path) -> Path:
+    """Concept cones across layers: mean pairwise |cos| and dimensionality (entropy effective rank) with their
+    bootstrap 95 % intervals beside the random-split null band, and the pairwise cosine matrix at ``layer``.
+    Writes a PNG at ``path``."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (v, lo, hi, nlo, nhi, title) in zip(axes[:2], (
+            ("mean_abs_cos", "cos_ci_low", "cos_ci_high", "cos_null_low", "cos_null_high", "mean pairwise |cos|"),
+            ("dim", "dim_ci_low", "dim_ci_high", "dim_null_low", "dim_null_high", "cone dimensionality (eff. rank)"))):
+        c = cones.sort_values("layer")
+        if c[nlo].notna().any():
+            ax.fill_between(c.layer, c[nlo], c[nhi], color="0.6", alpha=0.35, lw=0, label="random groups (95 %)")
+        if c[lo].notna().any():
+            ax.fill_between(c.layer, c[lo], c[hi], color="tab:red", alpha=0.25, lw=0, label="bootstrap 95 % CI")
+        ax.plot(c.layer, c[v], color="tab:red", marker="o", ms=3, label="categories")
+        ax.axvline(layer, color="0.3", ls=":", lw=1)
+        ax.set_xlabel("layer")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    p = pairs[pairs.layer == layer]
+    cats = list(dict.fromkeys(list(p.a) + list(p.b)))
+    m = np.eye(len(cats))
+    for _, r in p.iterrows():
+        i, j = cats.index(r.a), cats.index(r.b)
+        m[i, j] = m[j, i] = r.cos
+    import seaborn as sns
+
+    sns.heatmap(pd.DataFrame(m, index=cats, columns=cats), ax=axes[2], vmin=-1, vmax=1, cmap="RdBu_r",
+                annot=len(cats) <= 12, fmt=".2f", annot_kws={"size": 6}, square=True, cbar_kws={"shrink": 0.7})
+    axes[2].set_title(f"cosines of category directions, layer {layer}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def imprint_plot(layers: pd.DataFrame, path: Path) -> Path:
+    """Alignment imprints side by side: per-layer strength (relative to the mean residual norm where known, else
+    raw), cosine between adjacent layers' directions and, for runs of one model, the cosine with the first run's
+    direction at each layer. ``layers`` is ``layers.csv`` of ``refusal imprint``. Writes a PNG at ``path``."""
+    plt = _plt()
+    panels = [("strength_rel" if layers["strength_rel"].notna().any() else "strength", "strength"),
+              ("cos_next", "cos(layer l, layer l+1)")]
+    if "cos_first_run" in layers.columns and layers["cos_first_run"].notna().any():
+        panels.append(("cos_first_run", "cos with the first run's direction"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (col, title) in zip(axes[0], panels):
+        for run, g in layers.groupby("run", sort=False):
+            y = g[col] if col != "strength_rel" or g[col].notna().any() else g["strength"]
+            ax.plot(g.layer, y, marker="o", ms=3, label=run)
+        ax.set_xlabel("layer")
+        ax.set_title(title + (" / mean residual norm" if col == "strength_rel" else ""))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _effect_panel(ax, mat: np.ndarray, vmax: float, annotate: bool):
+    """One diverging heatmap panel centred on 0 (``RdBu_r``, limits ``-vmax..vmax``); NaN cells are left blank."""
+    im = ax.imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax, origin="lower", aspect="auto", interpolation="nearest")
+    if annotate:
+        for (i, j), v in np.ndenumerate(mat):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5,
+                        color="white" if abs(v) > 0.6 * vmax else "black")
+    return im
+
+
+def _limit(values: np.ndarray) -> float:
+    finite = np.abs(values[np.isfinite(values)])
+    return float(max(1.0, finite.max() if finite.size else 1.0))
+
+
+def patch_heatmap(summary: pd.DataFrame, path: Path, title: str, position_labels: dict | None = None) -> Path:
+    """Activation patching per site: one panel per site, layer (y) x position (x), coloured by the normalised
+    effect (0 = corrupted/harmless baseline, 1 = clean/harmful baseline) on a diverging map centred on 0 whose
+    limits are +-max(1, largest |value|), so 1 (clean) always has the same colour.
+
+    Args:
+        summary: rows of one direction with ``site``, ``layer``, ``position`` (int) and ``normalised``; head rows
+            (``head`` not null) are ignored.
+        title: figure title (say which direction and what 0 and 1 mean).
+        position_labels: optional ``{position: token text}`` shown under the position ticks.
+
+    Writes a PNG at ``path`` and returns it.
+    """
+    plt = _plt()
+    s = summary[summary["head"].isna()] if "head" in summary.columns else summary
+    sites = list(dict.fromkeys(s["site"]))
+    layers = sorted(s["layer"].unique())
+    positions = sorted(s["position"].astype(int).unique())
+    vmax = _limit(s["normalised"].to_numpy(float))
+    fig, axes = plt.subplots(1, max(1, len(sites)), figsize=(1.2 + 0.42 * len(positions) * max(1, len(sites)) + 1.2,
+                                                              1.4 + 0.22 * len(layers)), squeeze=False)
+    labels = position_labels or {}
+    im = None
+    for ax, site in zip(axes[0], sites):
+        g = s[s.site == site]
+        mat = np.full((len(layers), len(positions)), np.nan)
+        for _, r in g.iterrows():
+            mat[layers.index(r["layer"]), positions.index(int(r["position"]))] = r["normalised"]
+        im = _effect_panel(ax, mat, vmax, annotate=mat.size <= 240)
+        ax.set_title(site, fontsize=9)
+        ax.set_xticks(range(len(positions)))
+        ax.set_xticklabels([f"{p}\n{labels[p]}" if p in labels else str(p) for p in positions], fontsize=6)
+        ax.set_yticks(range(len(layers)))
+        ax.set_yticklabels([str(l) for l in layers], fontsize=6)
+        ax.set_xlabel("position (from the end of the prompt)", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        ax.grid(False)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="normalised (0 = corrupted, 1 = clean)")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def heads_heatmap(summary: pd.DataFrame, path: Path, title: str) -> Path:
+    """Per-head activation patching: layer (y) x query head (x, with its key/value group), coloured by the
+    normalised effect like :func:`patch_heatmap`.
+
+    Args:
+        summary: rows of one direction with ``layer``, ``head`` (int), ``kv_group`` and ``normalised``; rows
+            without a head are ignored.
+
+    Writes a PNG at ``path`` and returns it.
+    """
+    plt = _plt()
+    s = summary[summary["head"].notna()]
+    layers = sorted(s["layer"].unique())
+    heads = sorted(s["head"].astype(int).unique())
+    groups = dict(zip(s["head"].astype(int), s["kv_group"].astype(int)))
+    mat = np.full((len(layers), len(heads)), np.nan)
+    for _, r in s.iterrows():
+        mat[layers.index(r["layer"]), heads.index(int(r["head"]))] = r["normalised"]
+    vmax = _limit(mat)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.42 * len(heads), 1.4 + 0.22 * len(layers)))
+    im = _effect_panel(ax, mat, vmax, annotate=mat.size <= 400)
+    ax.set_xticks(range(len(heads)))
+    ax.set_xticklabels([f"{h}\nkv{groups[h]}" for h in heads], fontsize=6)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([str(l) for l in layers], fontsize=6)
+    ax.set_xlabel("query head (key/value group)", fontsize=7)
+    ax.set_ylabel("layer", fontsize=7)
+    ax.grid(False)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="normalised (0 = corrupted, 1 = clean)")
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)

@@ -69,6 +69,14 @@ class PromptSet:
             raise ToolkitError(f"prompt set {self.name!r} has no prompts in split {split!r}")
         return PromptSet(self.name, self.source, self.sha256, recs, split)
 
+    def select_if_split(self, split: str | None) -> PromptSet:
+        """:meth:`select` if any record has a split; a file without splits is kept whole.
+
+        Raises:
+            ToolkitError: unknown split, or the file has splits but none of this one.
+        """
+        return self.select(split if any(r.get("split") for r in self.records) else None)
+
     def subset(self, keep: list[int]) -> PromptSet:
         """A copy holding only the records at the given indices (same name, source and hash)."""
         return PromptSet(self.name, self.source, self.sha256, [self.records[i] for i in keep], self.split)

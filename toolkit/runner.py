@@ -121,6 +121,12 @@ class Runner:
         self.pad_id = lm.tokenizer.pad_token_id
         self._rows = torch.zeros(0, dtype=torch.long)
 
+    @property
+    def rows(self) -> torch.Tensor:
+        """Caller-order indices ``[batch]`` (long) of the prompts in the batch now running: row ``r`` of an
+        activation a hook sees is prompt ``rows[r]`` (batches are sorted by length, so not in caller order)."""
+        return self._rows
+
     # ----------------------------------------------------------------------------------------- encoding
     def encode(self, instructions: Sequence[str], keep: int | None = None) -> Encoded:
         """Format and tokenize instructions; choose the shared prefix leaving ``keep`` tokens per prompt.

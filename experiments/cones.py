@@ -1,0 +1,374 @@
+"""``refusal cones``: per-category refusal directions (concept cones) with bootstrap intervals and a null."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import typer
+from rich.table import Table
+from safetensors.torch import save_file
+
+from toolkit.errors import ToolkitError
+from toolkit.geometry import (LINEAR_MAX_DIM, LINEAR_MIN_COS, POLY_MAX_COS, POLY_MIN_DIM, basic_interval,
+                              cone_distributions, cone_label, kmeans_scan, percentile_interval, permutation_p,
+                              polyhedral_share)
+from toolkit.hooks import SITES
+from toolkit.prompts import load_prompt_set
+from toolkit.runs import Run
+from toolkit.stats import mean_summary, rate_summary
+
+from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
+                     console, handle_errors, layer_list, open_session, out, residuals)
+
+#: a layer whose pooled direction is shorter than this fraction of the mean residual norm has no contrast
+#: (e.g. resid_pre of block 0 at a post-instruction token: the same token embedding in every prompt)
+NO_CONTRAST = 1e-6
+
+
+def separation(h: torch.Tensor, g: torch.Tensor) -> np.ndarray:
+    """Per layer, how far apart two sets lie along their difference-in-means direction: Cohen's d of the
+    projections onto ``unit(mean_h - mean_g)`` (pooled standard deviation). ``[n_h, L, d], [n_g, L, d] -> [L]``."""
+    r = h.double().mean(0) - g.double().mean(0)
+    u = r / r.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    ph, pg = (h.double() * u).sum(-1), (g.double() * u).sum(-1)  # [n, L]
+    sd = torch.sqrt(((len(ph) - 1) * ph.var(0) + (len(pg) - 1) * pg.var(0)) / (len(ph) + len(pg) - 2))
+    return ((ph.mean(0) - pg.mean(0)) / sd.clamp_min(1e-30)).numpy()
+
+
+def pick_layer(layers: list[int], sep: np.ndarray, n_layers: int, max_frac: float = 0.8) -> int:
+    """The layer with the largest separation among layers below ``max_frac`` of the depth (else among all)."""
+    ok = [i for i, l in enumerate(layers) if l < max_frac * n_layers] or list(range(len(layers)))
+    return layers[max(ok, key=lambda i: sep[i])]
+
+
+@handle_errors
+def cones(
+    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set with a category per prompt"),
+    harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set"),
+    split: str = typer.Option("train", "--split", help="split the cones are computed on (files without splits: "
+                              "all prompts)"),
+    max_per_category: int = typer.Option(None, "--max-per-category", help="use at most N prompts per category "
+                                         "(and N x categories harmless prompts)"),
+    min_per_category: int = typer.Option(10, "--min-per-category", help="categories with fewer prompts are "
+                                         "reported, not analysed"),
+    layers: str = typer.Option(None, "--layers", help="layers, e.g. '12', '8,12,16' or '4:20' [default: all]"),
+    site: str = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}"),
+    position: int = typer.Option(-1, "--position", help="prompt position (negative index; -1 = last token)"),
+    boot: int = typer.Option(200, "--boot", help="bootstrap resamples (prompts resampled within categories)"),
+    null: int = typer.Option(200, "--null", help="random splits of the harmful prompts into groups of the same "
+                             "sizes (the null)"),
+    kmeans: bool = typer.Option(True, "--kmeans/--no-kmeans", help="k-means of harmful residuals vs the labels"),
+    k_max: int = typer.Option(12, "--k-max", help="largest k tried by k-means"),
+    report_layer: int = typer.Option(None, "--report-layer", help="layer of the per-category table and the "
+                                     "ablation test [default: the best-separating layer below 80 % depth]"),
+    ablate_test: bool = typer.Option(False, "--ablate-test", help="also ablate the single pooled direction, all "
+                                     "category directions, and the single one plus random directions of the same "
+                                     "total dimension, and score each category's held-out prompts"),
+    eval_split: str = typer.Option("test", "--eval-split", help="split scored by the ablation test"),
+    eval_harmless: int = typer.Option(60, "--eval-harmless", help="harmless prompts scored by the ablation test "
+                                      "(for the KL and the harmless score)"),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="write cones.png"),
+    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
+    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
+):
+    """Concept cones (OBLITERATUS's method, with intervals and a null): per harm category, the direction
+    mean_harmful_c - mean_harmless at each layer, its strength, pairwise cosines, specificity and the cone's
+    dimensionality (entropy effective rank), each with a bootstrap 95 % interval over prompts and the same
+    figures for random groups of the same sizes; k-means clusters against the labels; optionally an ablation test.
+
+    Writes runs/cones/NAME/ with cones.csv (per layer), categories.csv (per layer and category), pairs.csv
+    (pairwise cosines), kmeans.csv, ablation.csv (with --ablate-test), directions.safetensors (pooled and
+    per-category directions, means and residual norms per layer: an input of `refusal imprint`), cones.png and
+    run.json.
+    """
+    if min_per_category < 2:
+        raise ToolkitError("--min-per-category must be at least 2: a direction from one prompt has no interval")
+    if boot < 0 or null < 0:
+        raise ToolkitError("--boot and --null must be >= 0")
+    if boot and boot < 20 or null and null < 20:
+        raise ToolkitError("use at least 20 resamples for --boot and --null (or 0 to skip)")
+    if site not in SITES:
+        raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
+    H = load_prompt_set(harmful).select_if_split(split)
+    G = load_prompt_set(harmless).select_if_split(split)
+    counts = pd.Series([r["category"] for r in H.records]).value_counts().sort_index()
+    kept = [c for c, n in counts.items() if n >= min_per_category]
+    excluded = {c: int(n) for c, n in counts.items() if n < min_per_category}
+    if len(kept) < 2:
+        raise ToolkitError(f"cones need at least two categories with >= {min_per_category} prompts; "
+                           f"{H.name} ({H.split or 'all'}) has {dict(counts)}")
+    keep_idx, seen = [], {c: 0 for c in kept}
+    for i, r in enumerate(H.records):
+        c = r["category"]
+        if c in seen and (max_per_category is None or seen[c] < max_per_category):
+            keep_idx.append(i)
+            seen[c] += 1
+    H = H.subset(keep_idx)
+    if max_per_category is not None:
+        G = G.head(max_per_category * len(kept))
+    if len(G) < 2:
+        raise ToolkitError(f"the harmless set {G.name} has {len(G)} prompt(s); at least two are needed")
+    labels = [r["category"] for r in H.records]
+    for c, n in excluded.items():
+        console.print(f"category {c!r}: {n} prompt(s) < --min-per-category {min_per_category}: reported, "
+                      "not analysed", highlight=False)
+    with Run("cones", name, force) as run:
+        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+        r, lm = ses.runner, ses.lm
+        lay = layer_list(lm, layers)
+        t0 = time.time()
+        Xh = residuals(r, H.prompts, lay, site, position, "harmful residuals")
+        Xg = residuals(r, G.prompts, lay, site, position, "harmless residuals")
+        run.time("residuals", time.time() - t0)
+        norms = torch.cat([Xh, Xg]).double().norm(dim=-1).mean(0)  # [L]
+        pooled = Xh.double().mean(0) - Xg.double().mean(0)  # [L, d]
+        live = [i for i in range(len(lay)) if float(pooled[i].norm()) > NO_CONTRAST * float(norms[i])]
+        dead = [lay[i] for i in range(len(lay)) if i not in live]
+        if dead:
+            console.print(f"no contrast at layer(s) {dead} (harmful and harmless residuals coincide at this "
+                          "position): skipped", highlight=False)
+        if len(live) == 0:
+            raise ToolkitError("no layer has a contrast between the sets at this site and position")
+        lay_l = [lay[i] for i in live]
+        Xh_l, Xg_l = Xh[:, live], Xg[:, live]
+        sep = separation(Xh_l, Xg_l)
+        rep = report_layer if report_layer is not None else pick_layer(lay_l, sep, lm.n_layers)
+        if rep not in lay_l:
+            raise ToolkitError(f"--report-layer {rep} is not among the analysed layers {lay_l}")
+        t0 = time.time()
+        from tqdm.auto import tqdm
+
+        with tqdm(total=boot + null, desc="bootstrap + null", disable=quiet, leave=False) as bar:
+            dist = cone_distributions(Xh_l, labels, Xg_l, n_boot=boot, n_null=null, seed=seed, progress=bar.update)
+        run.time("bootstrap", time.time() - t0)
+        cats, sizes = dist["categories"], dist["sizes"]
+        lab = np.asarray(labels)
+        cat_dirs = torch.stack([Xh_l[torch.from_numpy(np.flatnonzero(lab == c))].double().mean(0) for c in cats]) \
+            - Xg_l.double().mean(0)  # [k, L, d]
+        tables = cone_tables(dist, lay_l, norms[live].numpy(), pooled[live], sep, cat_dirs)
+        km = pd.DataFrame()
+        if kmeans:
+            t0 = time.time()
+            ks = [k for k in range(2, k_max + 1) if k < len(H)]
+            rows = []
+            for i, l in enumerate(tqdm(lay_l, desc="k-means", disable=quiet, leave=False)):
+                for res in kmeans_scan(Xh_l[:, i], labels, ks, seed=seed):
+                    rows.append({"layer": l, **res})
+            km = pd.DataFrame(rows)
+            run.time("kmeans", time.time() - t0)
+            if len(km):
+                best = km.loc[km.groupby("layer").silhouette.idxmax()].set_index("layer")
+                at_c = km[km.k == len(cats)].set_index("layer")
+                tables["cones"]["kmeans_best_k"] = tables["cones"].layer.map(best.k)
+                tables["cones"]["kmeans_best_silhouette"] = tables["cones"].layer.map(best.silhouette)
+                tables["cones"][f"ari_k{len(cats)}"] = tables["cones"].layer.map(at_c.ari) if len(at_c) else np.nan
+            run.write_csv("kmeans.csv", km)
+        run.write_csv("cones.csv", tables["cones"])
+        run.write_csv("categories.csv", tables["categories"])
+        run.write_csv("pairs.csv", tables["pairs"])
+        ri = lay_l.index(rep)
+        abl = None
+        if ablate_test:
+            t0 = time.time()
+            abl = ablation_test(ses, harmful, harmless, eval_split, cats, pooled[live][ri], cat_dirs[:, ri], rep, seed,
+                                eval_harmless)
+            run.write_csv("ablation.csv", abl)
+            run.time("ablation_test", time.time() - t0)
+        meta = {"model_id": lm.model_id, "model_hash": lm.model_hash, "d_model": lm.d_model, "site": site,
+                "position": position, "categories": cats, "kind": "cones", "split": split,
+                "method": "difference-in-means per layer: mean harmful - mean harmless (per category and pooled)"}
+        save_file({"directions": pooled[live].float().contiguous(), "category_directions": cat_dirs.float(),
+                   "mean_harmful": Xh_l.double().mean(0).float(), "mean_harmless": Xg_l.double().mean(0).float(),
+                   "resid_norm": norms[live].float(), "layers": torch.tensor(lay_l)},
+                  str(run.path("directions.safetensors")), metadata={"meta": json.dumps(meta)})
+        if plot:
+            from toolkit.plots import cones_plot
+
+            cones_plot(tables["cones"], tables["pairs"], rep, run.path("cones.png"))
+        cones_df = tables["cones"]
+        labels_count = cones_df.label.value_counts().to_dict()
+        results = {"categories": dict(zip(cats, sizes)), "excluded_categories": excluded, "report_layer": rep,
+                   "layers_without_contrast": dead, "labels": labels_count,
+                   "thresholds": {"linear": f"mean |cos| CI low > {LINEAR_MIN_COS} and dim CI high < {LINEAR_MAX_DIM}",
+                                  "polyhedral": f"(mean |cos| CI high < {POLY_MAX_COS} or dim CI low > "
+                                                f"{POLY_MIN_DIM}), permutation p < 0.05 against random groups, and "
+                                                "random groups meeting the same rule in < 5 % of draws",
+                                  "intervals": "basic bootstrap 95 % (prompts resampled within categories)"},
+                   "report": cones_df[cones_df.layer == rep].iloc[0].to_dict()}
+        if abl is not None:
+            results["ablation"] = abl.to_dict("records")
+        final = run.finish(model=lm.describe(), prompt_sets=[H.describe(), G.describe()], seed=seed,
+                           params={"split": split, "site": site, "position": position, "layers": lay,
+                                   "min_per_category": min_per_category, "max_per_category": max_per_category,
+                                   "boot": boot, "null": null, "kmeans": kmeans, "k_max": k_max,
+                                   "ablate_test": ablate_test, "eval_split": eval_split, "eval_harmless": eval_harmless,
+                                   "system": system},
+                           results=results)
+    print_cones(cones_df, tables["categories"], rep, excluded, len(cats))
+    if abl is not None:
+        print_ablation(abl)
+    console.print(f"wrote {final}")
+
+
+def cone_tables(dist: dict, layers: list[int], norms: np.ndarray, pooled: torch.Tensor, sep: np.ndarray,
+                cat_dirs: torch.Tensor) -> dict:
+    """Tidy tables from :func:`toolkit.geometry.cone_distributions`: per layer, per layer x category, per pair.
+
+    Intervals are basic bootstrap intervals (:func:`toolkit.geometry.basic_interval`); null bands are the 2.5th
+    and 97.5th percentiles of the random-split figures; p-values are one-sided permutation p-values.
+
+    Args:
+        norms: mean residual norm per layer ``[L]``; pooled: pooled direction ``[L, d]``; sep: ``[L]``;
+        cat_dirs: category directions ``[k, L, d]`` (for each one's cosine with the pooled direction).
+    """
+    cats, sizes, P, B, N = dist["categories"], dist["sizes"], dist["point"], dist["boot"], dist["null"]
+    L, k = len(layers), len(cats)
+
+    def ci(key):
+        lo, hi = basic_interval(P[key], B[key]) if B else (None, None)
+        return (lo, hi) if lo is not None else (np.full_like(P[key], np.nan), np.full_like(P[key], np.nan))
+
+    def band(key):
+        lo, hi = percentile_interval(N[key]) if N else (None, None)
+        return (lo, hi) if lo is not None else (np.full_like(P[key], np.nan), np.full_like(P[key], np.nan))
+
+    (cl, ch), (dl, dh), (nl, nh), (ml, mh) = ci("mean_abs_cos"), ci("dim"), band("mean_abs_cos"), band("dim")
+    if N:
+        p_cos = permutation_p(P["mean_abs_cos"], N["mean_abs_cos"], lower=True)
+        p_dim = permutation_p(P["dim"], N["dim"], lower=False)
+        null_poly = polyhedral_share(N["mean_abs_cos"], N["dim"])
+    rows = []
+    for i, l in enumerate(layers):
+        row = {"layer": l, "n_categories": k, "mean_abs_cos": P["mean_abs_cos"][i], "cos_ci_low": cl[i],
+               "cos_ci_high": ch[i], "cos_null_low": nl[i], "cos_null_high": nh[i], "dim": P["dim"][i],
+               "dim_ci_low": dl[i], "dim_ci_high": dh[i], "dim_null_low": ml[i], "dim_null_high": mh[i],
+               "p_cos_below_null": p_cos[i] if N else np.nan, "p_dim_above_null": p_dim[i] if N else np.nan,
+               "null_polyhedral_share": null_poly[i] if N else np.nan,
+               "pooled_strength": float(pooled[i].norm()),
+               "pooled_strength_rel": float(pooled[i].norm()) / float(norms[i]), "separation_d": float(sep[i])}
+        if B and N:
+            row["label"], row["reason"] = cone_label((cl[i], ch[i]), (dl[i], dh[i]), p_cos[i], p_dim[i], null_poly[i])
+        else:
+            row["label"], row["reason"] = "unlabelled", "labels need both --boot and --null"
+        rows.append(row)
+    (sl, sh), (pl, ph), (_, snh) = ci("strength"), ci("specificity"), band("specificity")
+    crow = []
+    for i, l in enumerate(layers):
+        u = pooled[i] / pooled[i].norm()
+        for j, c in enumerate(cats):
+            crow.append({"layer": l, "category": c, "n": sizes[j], "strength": P["strength"][i, j],
+                         "strength_ci_low": sl[i, j], "strength_ci_high": sh[i, j],
+                         "strength_rel": P["strength"][i, j] / float(norms[i]), "specificity": P["specificity"][i, j],
+                         "specificity_ci_low": pl[i, j], "specificity_ci_high": ph[i, j],
+                         "specificity_null_high": snh[i, j],
+                         "cos_pooled": float(cat_dirs[j, i] @ u / cat_dirs[j, i].norm())})
+    (ql, qh) = ci("cos")
+    prow = []
+    for i, l in enumerate(layers):
+        for a in range(k):
+            for b in range(a + 1, k):
+                prow.append({"layer": l, "a": cats[a], "b": cats[b], "cos": P["cos"][i, a, b],
+                             "ci_low": ql[i, a, b], "ci_high": qh[i, a, b]})
+    return {"cones": pd.DataFrame(rows), "categories": pd.DataFrame(crow), "pairs": pd.DataFrame(prow)}
+
+
+def ablation_test(ses, harmful: str, harmless: str, split: str, cats: list[str], single: torch.Tensor,
+                  cat_dirs: torch.Tensor, layer: int, seed: int, n_harmless: int | None = None) -> pd.DataFrame:
+    """Refusal score of each category's held-out prompts (and harmless KL) under four conditions: no ablation,
+    the single pooled direction, the span of all category directions, and the single direction plus random
+    directions up to the same dimension (a control for removing more dimensions)."""
+    from toolkit.interventions import subspace_ablation
+    from toolkit.scoring import kl_divergence, refusal_score
+    from toolkit.steering import random_directions
+
+    r = ses.runner
+    Hs = load_prompt_set(harmful).select_if_split(split)
+    Hs = Hs.subset([i for i, rec in enumerate(Hs.records) if rec["category"] in cats])
+    if len(Hs) == 0:
+        raise ToolkitError(f"the ablation test found no {split} prompts of the analysed categories")
+    Gs = load_prompt_set(harmless).select_if_split(split).head(n_harmless)
+    eh, eg = r.encode(Hs.prompts), r.encode(Gs.prompts)
+    extra, _ = random_directions(len(cats) - 1, single.shape[0], seed, orthogonal_to=single.float())
+    conds = {"none": None, "single": single[None].float(), "categories": cat_dirs.float(),
+             f"single+{len(cats) - 1} random": torch.cat([single[None].float(), extra.float()])}
+    base_g = None
+    rows = []
+    for cname, vecs in conds.items():
+        ctx = contextlib.nullcontext() if vecs is None else subspace_ablation(r.model, vecs)
+        with ctx:
+            sh = refusal_score(r.logits(eh, desc=f"harmful, ablate {cname}"), ses.refusal_ids).numpy()
+            lg = r.logits(eg, desc=f"harmless, ablate {cname}")
+        if base_g is None:
+            base_g = lg
+        sg = refusal_score(lg, ses.refusal_ids).numpy()
+        kl = kl_divergence(base_g, lg).numpy()
+        dim = 0 if vecs is None else int(min(len(vecs), vecs.shape[0]))
+        cat_of = np.array([rec["category"] for rec in Hs.records])
+        for c in cats + ["all harmful"]:
+            m = cat_of == c if c != "all harmful" else np.ones(len(cat_of), bool)
+            ms, rs = mean_summary(sh[m]), rate_summary(list(sh[m] > 0))
+            rows.append({"condition": cname, "layer": layer, "dims": dim, "set": Hs.name, "category": c,
+                         "n": int(m.sum()), "mean_score": ms["mean"], "score_ci_low": ms["ci_low"],
+                         "score_ci_high": ms["ci_high"], "refusal_rate_score": rs["rate"], "rate_ci_low": rs["ci_low"],
+                         "rate_ci_high": rs["ci_high"], "mean_kl": np.nan})
+        ms = mean_summary(sg)
+        rows.append({"condition": cname, "layer": layer, "dims": dim, "set": Gs.name, "category": "all harmless",
+                     "n": len(sg), "mean_score": ms["mean"], "score_ci_low": ms["ci_low"],
+                     "score_ci_high": ms["ci_high"], "refusal_rate_score": float((sg > 0).mean()),
+                     "rate_ci_low": np.nan, "rate_ci_high": np.nan, "mean_kl": float(kl.mean())})
+    return pd.DataFrame(rows)
+
+
+def _fmt_ci(v, lo, hi, nd=2) -> str:
+    if pd.isna(lo):
+        return f"{v:.{nd}f}"
+    return f"{v:.{nd}f} [{lo:.{nd}f}, {hi:.{nd}f}]"
+
+
+def print_cones(df: pd.DataFrame, cat: pd.DataFrame, rep: int, excluded: dict, k: int) -> None:
+    """Print the per-layer cone table and the per-category table at the report layer."""
+    t = Table(title=f"concept cones of {k} categories (basic bootstrap 95 % CI; null = 95 % band of random groups "
+              "of the same sizes; p = permutation p, |cos| below / dim above the null)", title_justify="left")
+    ari = f"ARI k={k}"
+    for c in ("layer", "mean |cos| [CI]", "null", "p", "dim [CI]", "null ", "p ", "rel. strength", ari, "label"):
+        t.add_column(c, justify="left" if c == "label" else "right")
+    for _, r in df.iterrows():
+        t.add_row(str(r.layer), _fmt_ci(r.mean_abs_cos, r.cos_ci_low, r.cos_ci_high),
+                  f"{r.cos_null_low:.2f}-{r.cos_null_high:.2f}" if pd.notna(r.cos_null_low) else "-",
+                  f"{r.p_cos_below_null:.3f}" if pd.notna(r.p_cos_below_null) else "-",
+                  _fmt_ci(r.dim, r.dim_ci_low, r.dim_ci_high),
+                  f"{r.dim_null_low:.2f}-{r.dim_null_high:.2f}" if pd.notna(r.dim_null_low) else "-",
+                  f"{r.p_dim_above_null:.3f}" if pd.notna(r.p_dim_above_null) else "-",
+                  f"{r.pooled_strength_rel:.3f}", f"{r[f'ari_k{k}']:.2f}" if f"ari_k{k}" in r and pd.notna(r[f"ari_k{k}"])
+                  else "-", str(r.label))
+    out.print(t)
+    t = Table(title=f"categories at layer {rep}", title_justify="left")
+    for c in ("category", "n", "strength [CI]", "rel.", "specificity [CI]", "null spec. 97.5%"):
+        t.add_column(c, justify="left" if c == "category" else "right")
+    for _, r in cat[cat.layer == rep].iterrows():
+        t.add_row(r.category, str(r.n), _fmt_ci(r.strength, r.strength_ci_low, r.strength_ci_high),
+                  f"{r.strength_rel:.3f}", _fmt_ci(r.specificity, r.specificity_ci_low, r.specificity_ci_high, 3),
+                  f"{r.specificity_null_high:.3f}" if pd.notna(r.specificity_null_high) else "-")
+    for c, n in excluded.items():
+        t.add_row(c, str(n), "too few prompts: not analysed", "", "", "")
+    out.print(t)
+
+
+def print_ablation(df: pd.DataFrame) -> None:
+    """Print the ablation test: mean refusal score per condition and category."""
+    piv = df.pivot_table(index="category", columns="condition", values="mean_score", sort=False)
+    t = Table(title="ablation test: mean refusal score on held-out prompts (harmless row: score; KL below)",
+              title_justify="left")
+    t.add_column("category")
+    for c in piv.columns:
+        t.add_column(c, justify="right")
+    for cat, row in piv.iterrows():
+        t.add_row(str(cat), *[f"{v:.2f}" for v in row])
+    kl = df[df.category == "all harmless"].set_index("condition").mean_kl
+    t.add_row("harmless KL", *[f"{kl.get(c, np.nan):.3f}" for c in piv.columns])
+    out.print(t)
