@@ -45,3 +45,13 @@ bench:
 # Benchmark without the demo (throughput only)
 bench-quick:
     {{python}} scripts/bench.py --no-demo
+
+# Where and how refusal lives on the default model: activation patching (10 length-matched pairs), concept
+# cones with the ablation test (train split), the geometry table (test split), the imprints of both runs side by
+# side (directions from disjoint prompts), and per-layer PaCMAP projections with a GIF.
+analysis-demo:
+    refusal patch --name {{demo_name}} --force
+    refusal cones --ablate-test --name {{demo_name}} --force
+    refusal geometry --split test --name {{demo_name}} --force
+    refusal imprint runs/cones/{{demo_name}} runs/geometry/{{demo_name}} --name {{demo_name}} --force
+    refusal plot-residuals --name {{demo_name}} --force

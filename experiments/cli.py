@@ -9,6 +9,7 @@ from .compare import compare
 from .cones import cones
 from .dose_response import dose_response
 from .extract import extract
+from .patch import patch
 from .geometry import geometry
 from .imprint import imprint_cmd
 from .plot_residuals import plot_residuals
@@ -30,6 +31,7 @@ app.command("compare")(compare)
 app.add_typer(stats_app, name="stats")
 app.command("steer")(steer)
 app.command("dose-response")(dose_response)
+app.command("patch")(patch)
 app.command("cones")(cones)
 app.command("geometry")(geometry)
 app.command("imprint")(imprint_cmd)

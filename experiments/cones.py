@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 import typer
+from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 
@@ -229,9 +230,13 @@ def cone_tables(dist: dict, layers: list[int], norms: np.ndarray, pooled: torch.
     cats, sizes, P, B, N = dist["categories"], dist["sizes"], dist["point"], dist["boot"], dist["null"]
     L, k = len(layers), len(cats)
 
-    def ci(key):
+    bounds = {"mean_abs_cos": (0, 1), "dim": (1, k), "strength": (0, np.inf), "specificity": (0, 1), "cos": (-1, 1)}
+
+    def ci(key):  # basic intervals can leave a figure's range: clip to it
         lo, hi = basic_interval(P[key], B[key]) if B else (None, None)
-        return (lo, hi) if lo is not None else (np.full_like(P[key], np.nan), np.full_like(P[key], np.nan))
+        if lo is None:
+            return np.full_like(P[key], np.nan), np.full_like(P[key], np.nan)
+        return np.clip(lo, *bounds[key]), np.clip(hi, *bounds[key])
 
     def band(key):
         lo, hi = percentile_interval(N[key]) if N else (None, None)
@@ -346,7 +351,8 @@ def print_cones(df: pd.DataFrame, cat: pd.DataFrame, rep: int, excluded: dict, k
                   f"{r.p_dim_above_null:.3f}" if pd.notna(r.p_dim_above_null) else "-",
                   f"{r.pooled_strength_rel:.3f}", f"{r[f'ari_k{k}']:.2f}" if f"ari_k{k}" in r and pd.notna(r[f"ari_k{k}"])
                   else "-", str(r.label))
-    out.print(t)
+    wide = Console(width=max(out.width, 170), file=out.file)  # never wrap the figures
+    wide.print(t)
     t = Table(title=f"categories at layer {rep}", title_justify="left")
     for c in ("category", "n", "strength [CI]", "rel.", "specificity [CI]", "null spec. 97.5%"):
         t.add_column(c, justify="left" if c == "category" else "right")
@@ -356,7 +362,7 @@ def print_cones(df: pd.DataFrame, cat: pd.DataFrame, rep: int, excluded: dict, k
                   f"{r.specificity_null_high:.3f}" if pd.notna(r.specificity_null_high) else "-")
     for c, n in excluded.items():
         t.add_row(c, str(n), "too few prompts: not analysed", "", "", "")
-    out.print(t)
+    wide.print(t)
 
 
 def print_ablation(df: pd.DataFrame) -> None:

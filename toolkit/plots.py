@@ -173,6 +173,7 @@ def _effect_panel(ax, mat: np.ndarray, vmax: float, annotate: bool):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5,
                         color="white" if abs(v) > 0.6 * vmax else "black")
+    ax.grid(False)
     return im
 
 
@@ -181,16 +182,19 @@ def _limit(values: np.ndarray) -> float:
     return float(max(1.0, finite.max() if finite.size else 1.0))
 
 
-def patch_heatmap(summary: pd.DataFrame, path: Path, title: str, position_labels: dict | None = None) -> Path:
-    """Activation patching per site: one panel per site, layer (y) x position (x), coloured by the normalised
-    effect (0 = corrupted/harmless baseline, 1 = clean/harmful baseline) on a diverging map centred on 0 whose
-    limits are +-max(1, largest |value|), so 1 (clean) always has the same colour.
+def patch_heatmap(summary: pd.DataFrame, path: Path, title: str, position_labels: dict | None = None,
+                  value: str = "normalised", label: str = "normalised (0 = corrupted, 1 = clean)") -> Path:
+    """Activation patching per site: one panel per site, layer (y) x position (x), coloured by ``value`` (the
+    normalised effect: 0 = corrupted baseline, 1 = clean baseline; or another column such as ``effect``) on a
+    diverging map centred on 0 whose limits are +-max(1, largest |value|), so 1 always has the same colour.
+    Cells are annotated when there are at most 240 per panel.
 
     Args:
-        summary: rows of one direction with ``site``, ``layer``, ``position`` (int) and ``normalised``; head rows
+        summary: rows of one direction with ``site``, ``layer``, ``position`` (int) and ``value``; head rows
             (``head`` not null) are ignored.
         title: figure title (say which direction and what 0 and 1 mean).
-        position_labels: optional ``{position: token text}`` shown under the position ticks.
+        position_labels: optional ``{position: token text}`` shown beside the position ticks.
+        label: colour bar label.
 
     Writes a PNG at ``path`` and returns it.
     """
@@ -199,40 +203,42 @@ def patch_heatmap(summary: pd.DataFrame, path: Path, title: str, position_labels
     sites = list(dict.fromkeys(s["site"]))
     layers = sorted(s["layer"].unique())
     positions = sorted(s["position"].astype(int).unique())
-    vmax = _limit(s["normalised"].to_numpy(float))
-    fig, axes = plt.subplots(1, max(1, len(sites)), figsize=(1.2 + 0.42 * len(positions) * max(1, len(sites)) + 1.2,
-                                                              1.4 + 0.22 * len(layers)), squeeze=False)
+    vmax = _limit(s[value].to_numpy(float))
+    fig, axes = plt.subplots(1, max(1, len(sites)), squeeze=False, layout="constrained",
+                             figsize=(1.5 + 0.45 * len(positions) * max(1, len(sites)), 1.8 + 0.22 * len(layers)))
     labels = position_labels or {}
     im = None
     for ax, site in zip(axes[0], sites):
         g = s[s.site == site]
         mat = np.full((len(layers), len(positions)), np.nan)
         for _, r in g.iterrows():
-            mat[layers.index(r["layer"]), positions.index(int(r["position"]))] = r["normalised"]
+            mat[layers.index(r["layer"]), positions.index(int(r["position"]))] = r[value]
         im = _effect_panel(ax, mat, vmax, annotate=mat.size <= 240)
         ax.set_title(site, fontsize=9)
         ax.set_xticks(range(len(positions)))
-        ax.set_xticklabels([f"{p}\n{labels[p]}" if p in labels else str(p) for p in positions], fontsize=6)
+        ax.set_xticklabels([f"{p} {labels[p]}" if p in labels else str(p) for p in positions], fontsize=6,
+                           rotation=90)
         ax.set_yticks(range(len(layers)))
         ax.set_yticklabels([str(l) for l in layers], fontsize=6)
-        ax.set_xlabel("position (from the end of the prompt)", fontsize=7)
+        ax.set_xlabel("position from the end (token)", fontsize=7)
         ax.set_ylabel("layer", fontsize=7)
-        ax.grid(False)
     if im is not None:
-        fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="normalised (0 = corrupted, 1 = clean)")
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.9).set_label(label, fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
 
 
-def heads_heatmap(summary: pd.DataFrame, path: Path, title: str) -> Path:
-    """Per-head activation patching: layer (y) x query head (x, with its key/value group), coloured by the
-    normalised effect like :func:`patch_heatmap`.
+def heads_heatmap(summary: pd.DataFrame, path: Path, title: str, value: str = "normalised",
+                  label: str = "normalised (0 = corrupted, 1 = clean)") -> Path:
+    """Per-head activation patching: layer (y) x query head (x, with its key/value group), coloured by ``value``
+    like :func:`patch_heatmap`.
 
     Args:
-        summary: rows of one direction with ``layer``, ``head`` (int), ``kv_group`` and ``normalised``; rows
-            without a head are ignored.
+        summary: rows of one direction with ``layer``, ``head`` (int), ``kv_group`` and ``value``; rows without a
+            head are ignored.
+        label: colour bar label.
 
     Writes a PNG at ``path`` and returns it.
     """
@@ -243,9 +249,9 @@ def heads_heatmap(summary: pd.DataFrame, path: Path, title: str) -> Path:
     groups = dict(zip(s["head"].astype(int), s["kv_group"].astype(int)))
     mat = np.full((len(layers), len(heads)), np.nan)
     for _, r in s.iterrows():
-        mat[layers.index(r["layer"]), heads.index(int(r["head"]))] = r["normalised"]
+        mat[layers.index(r["layer"]), heads.index(int(r["head"]))] = r[value]
     vmax = _limit(mat)
-    fig, ax = plt.subplots(figsize=(2.0 + 0.42 * len(heads), 1.4 + 0.22 * len(layers)))
+    fig, ax = plt.subplots(layout="constrained", figsize=(2.2 + 0.45 * len(heads), 1.8 + 0.22 * len(layers)))
     im = _effect_panel(ax, mat, vmax, annotate=mat.size <= 400)
     ax.set_xticks(range(len(heads)))
     ax.set_xticklabels([f"{h}\nkv{groups[h]}" for h in heads], fontsize=6)
@@ -253,9 +259,8 @@ def heads_heatmap(summary: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_yticklabels([str(l) for l in layers], fontsize=6)
     ax.set_xlabel("query head (key/value group)", fontsize=7)
     ax.set_ylabel("layer", fontsize=7)
-    ax.grid(False)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="normalised (0 = corrupted, 1 = clean)")
-    ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.colorbar(im, ax=ax, shrink=0.9).set_label(label, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
