@@ -228,7 +228,7 @@ def cone_tables(dist: dict, layers: list[int], norms: np.ndarray, pooled: torch.
         cat_dirs: category directions ``[k, L, d]`` (for each one's cosine with the pooled direction).
     """
     cats, sizes, P, B, N = dist["categories"], dist["sizes"], dist["point"], dist["boot"], dist["null"]
-    L, k = len(layers), len(cats)
+    k = len(cats)
 
     bounds = {"mean_abs_cos": (0, 1), "dim": (1, k), "strength": (0, np.inf), "specificity": (0, 1), "cos": (-1, 1)}
 

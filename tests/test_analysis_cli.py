@@ -40,14 +40,6 @@ def env(tmp_path_factory):
             "b": write_jsonl(base / "b.jsonl", less), "base": base}
 
 
-@pytest.fixture
-def runs(env, monkeypatch):
-    folder = env["base"] / f"runs-{np.random.default_rng().integers(1 << 30)}"
-    monkeypatch.setenv("REFUSAL_RUNS", str(folder))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    return folder
-
-
 def cones_args(env, *extra):
     return ["cones", "--model", env["model"], "--harmful", env["h"], "--harmless", env["b"], "--min-per-category", "3",
             "--boot", "20", "--null", "20", "--k-max", "4", *FAST, *extra]

@@ -59,14 +59,7 @@ def min_len(fmt: ChatFormat, prompts=PROMPTS) -> int:
 
 ALL_LAYERS = list(range(N_LAYERS))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and two threads on a busy two-core machine are ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 # ------------------------------------------------------------------------------- 1. post-instruction tokens

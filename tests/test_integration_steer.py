@@ -19,13 +19,6 @@ from typer.testing import CliRunner
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFUSAL_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    return tmp_path / "runs"
-
-
 def _ok(result):
     assert result.exit_code == 0, result.output[-3000:]
 

@@ -35,14 +35,7 @@ CORRUPT = ["tell me story about a cat", "bake bread", "write a poem please"]
 CLEAN4 = ["how do i kill", "steal a car please", "hack computer please explain"]
 CORRUPT4 = ["write a poem please", "tell me a story", "bake good bread please"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and two threads on a busy two-core machine are much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def runner(lm, batch_size: int = 2) -> Runner:
@@ -297,13 +290,6 @@ def patch_env(tmp_path_factory):
     base = tmp_path_factory.mktemp("patch")
     return (save_tiny(base / "tiny-qwen2"), write_jsonl(base / "h.jsonl", HARMFUL, "h"),
             write_jsonl(base / "b.jsonl", HARMLESS, "b"), write_jsonl(base / "u.jsonl", UNPAIRED, "u"), base)
-
-
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFUSAL_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    return tmp_path / "runs"
 
 
 def patch_args(env, *extra):

@@ -188,15 +188,6 @@ def tiny_env(tmp_path_factory):
     return (base, *tiny_files(base))
 
 
-@pytest.fixture
-def runs(tiny_env, monkeypatch):
-    base, *_ = tiny_env
-    folder = base / f"runs-{np.random.default_rng().integers(1 << 30)}"
-    monkeypatch.setenv("REFUSAL_RUNS", str(folder))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    return folder
-
-
 def args(tiny_env, *extra):
     base, model, h, b = tiny_env
     return ["plot-residuals", "--model", model, "--sets", f"{b},{h}", *FAST, *extra]

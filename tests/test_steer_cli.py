@@ -22,15 +22,6 @@ def tiny_env(tmp_path_factory):
     return (base, *tiny_files(base))
 
 
-@pytest.fixture
-def runs(tiny_env, monkeypatch):
-    base, *_ = tiny_env
-    folder = base / f"runs-{np.random.default_rng().integers(1 << 30)}"
-    monkeypatch.setenv("REFUSAL_RUNS", str(folder))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    return folder
-
-
 def steer_args(tiny_env, *extra):
     base, model, h, b = tiny_env
     return ["steer", "--model", model, "--learn", b, "--top-k", "2", "--sets", h, "--layers", "2",
