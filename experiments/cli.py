@@ -19,7 +19,8 @@ from .steer import steer
 
 app = typer.Typer(
     name="refusal",
-    help="refusal-toolkit: measure refusals, extract refusal directions, ablate them, compare runs.",
+    help="refusal-toolkit: measure refusals, extract refusal directions, ablate and steer with them, locate "
+         "refusal (patching), analyse its geometry (cones, imprints, residual geometry and plots), compare runs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -40,7 +40,7 @@ def _positions(spec: str | None, post: list[int], last_k: int, opt: str = "--pos
 
 def _select(spec: str, split: str, column: str | None) -> PromptSet:
     ps = load_prompt_set(spec, column)
-    return ps.select(split if any(r["split"] for r in ps.records) else None)
+    return ps.select_if_split(split)
 
 
 @handle_errors

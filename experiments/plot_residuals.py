@@ -85,8 +85,7 @@ def plot_residuals(
     loaded = []
     for s in set_specs:
         ps = load_prompt_set(s)
-        has_splits = any(r["split"] for r in ps.records)
-        loaded.append(ps.select(split if has_splits else None).head(limit))
+        loaded.append(ps.select_if_split(split).head(limit))
     label_list = label_list or [ps.name for ps in loaded]
     if len(set(label_list)) != len(label_list):
         raise ToolkitError(f"labels must differ between sets, got {', '.join(label_list)} (give --labels)")
