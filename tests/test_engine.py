@@ -16,7 +16,7 @@ import torch
 from conftest import PROMPTS, TEMPLATES, make_lm
 from toolkit.directions import diff_in_means
 from toolkit.errors import ToolkitError
-from toolkit.hooks import PHASE, SITES, add_hook, decoder_layers, hooked
+from toolkit.hooks import PHASE, SITES, add_hook, decoder_layers, has_post_norms, hooked
 from toolkit.interventions import activation_addition, directional_ablation, orthogonalize_weights
 from toolkit.runner import Runner
 from toolkit.scoring import is_refusal, kl_divergence, refusal_score, refusal_token_ids
@@ -315,6 +315,41 @@ def test_directional_ablation_hooks_removed(tiny):
             pass
     assert n_hooks(model) == 0
     torch.testing.assert_close(r.logits(enc), before, atol=0, rtol=0)
+
+
+def test_z_hook_is_o_proj_input_and_per_spec_write(tiny):
+    """``z`` reads the input of ``o_proj`` ([batch, pos, n_heads * head_dim]): ``attn_out`` is o_proj(z), passed
+    through the post-attention norm on Gemma 2; writing zeros at z makes attn_out that of a zero input; the
+    fourth spec item overrides ``write``; every hook is gone afterwards, also after a bad layer."""
+    model = tiny.model
+    block = decoder_layers(model)[1]
+    after = block.post_attention_layernorm if has_post_norms(model) else (lambda x: x)
+    o_proj = block.self_attn.o_proj
+    r = runner(tiny)
+    enc = r.encode(PROMPTS[:3])
+    seen = {}
+
+    def grab(name):
+        def fn(x):
+            seen[name] = x.detach().clone()
+        return fn
+
+    with torch.no_grad():
+        with hooked(model, [("z", 1, grab("z"), False), ("attn_out", 1, grab("attn"))], write=True):
+            r.logits(enc)
+        assert n_hooks(model) == 0
+        assert seen["z"].shape[-1] == o_proj.in_features
+        torch.testing.assert_close(after(o_proj(seen["z"])), seen["attn"], atol=1e-5, rtol=1e-5)
+
+        with hooked(model, [("z", 1, torch.zeros_like, True), ("attn_out", 1, grab("attn0"), False)]):
+            r.logits(enc)
+        assert n_hooks(model) == 0
+        torch.testing.assert_close(seen["attn0"], after(o_proj(torch.zeros_like(seen["z"]))), atol=1e-6, rtol=0)
+    assert seen["attn"].abs().max() > 1e-3
+    with pytest.raises(ToolkitError, match="out of range"):
+        with hooked(model, [("z", 0, grab("z")), ("z", 99, grab("z"))]):
+            pass
+    assert n_hooks(model) == 0
 
 
 def test_directional_ablation_applies_to_generated_tokens(tiny):

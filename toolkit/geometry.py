@@ -142,11 +142,14 @@ def mean_offdiag_abs(c: torch.Tensor) -> float:
     Raises:
         ToolkitError: fewer than two rows.
     """
-    k = c.shape[0]
-    if k < 2:
-        raise ToolkitError("pairwise figures need at least two directions")
-    mask = ~torch.eye(k, dtype=torch.bool)
-    return float(c.abs()[mask].mean())
+    return float(c.abs()[_offdiag(c, "pairwise figures")].mean())
+
+
+def _offdiag(c: torch.Tensor, what: str) -> torch.Tensor:
+    """``[k, k]`` boolean mask of the off-diagonal entries; raises ToolkitError if ``k < 2``."""
+    if c.shape[0] < 2:
+        raise ToolkitError(f"{what} need at least two directions")
+    return ~torch.eye(c.shape[0], dtype=torch.bool)
 
 
 def specificity(c: torch.Tensor) -> torch.Tensor:
@@ -155,11 +158,7 @@ def specificity(c: torch.Tensor) -> torch.Tensor:
     Raises:
         ToolkitError: fewer than two directions.
     """
-    k = c.shape[0]
-    if k < 2:
-        raise ToolkitError("specificity needs at least two directions")
-    mask = ~torch.eye(k, dtype=torch.bool)
-    return 1 - (c.abs() * mask).sum(1) / (k - 1)
+    return 1 - (c.abs() * _offdiag(c, "specificity figures")).sum(1) / (c.shape[0] - 1)
 
 
 # ----------------------------------------------------------------------------------------------- imprint

@@ -10,9 +10,14 @@ Sites for block ``l`` (TransformerLens names ``blocks.{l}.hook_<site>``):
   or, for Gemma 2/3, the output of the norm that follows it (``post_attention_layernorm``).
 * ``mlp_out``    -- what the MLP sub-block adds: the MLP output, or for Gemma 2/3 ``post_feedforward_layernorm``'s.
 * ``resid_post`` -- output of block ``l`` (= ``resid_pre`` of block ``l + 1``).
+* ``z``          -- the attention heads' outputs before they are mixed (TransformerLens ``blocks.{l}.attn.hook_z``):
+  the input of ``o_proj``, ``[batch, pos, n_heads * head_dim]`` with query head ``h`` in the slice
+  ``h * head_dim:(h + 1) * head_dim``; forward pre-hook on ``o_proj``. Not in :data:`SITES` (its width is not
+  ``d_model``); used by per-head patching.
 
 Supported: any decoder whose blocks expose ``self_attn`` and ``mlp`` with Llama-style norms, which covers
-Qwen2/Qwen2.5/Qwen3, Llama 2/3, Mistral and Gemma 1/2/3 (text). All tensors are ``[batch, pos, d_model]``.
+Qwen2/Qwen2.5/Qwen3, Llama 2/3, Mistral and Gemma 1/2/3 (text). All tensors except ``z`` are
+``[batch, pos, d_model]``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from .errors import ToolkitError
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+HEAD_SITE = "z"
 
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -105,17 +111,24 @@ def check_layer(model: nn.Module, layer: int) -> int:
 def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool = False):
     """Register ``fn`` on ``blocks.{layer}.hook_{site}``; return the handle (call ``.remove()``).
 
-    ``fn`` receives the activation ``[batch, pos, d_model]`` and returns a replacement tensor or ``None``.
-    With ``write=True`` a ``resid_mid`` hook is placed on ``attn_out`` (see module docstring) so that its
-    change propagates; reading ``resid_mid`` uses the pre-MLP norm's input.
+    ``fn`` receives the activation ``[batch, pos, d_model]`` (``z``: ``[batch, pos, n_heads * head_dim]``) and
+    returns a replacement tensor or ``None``. With ``write=True`` a ``resid_mid`` hook is placed on ``attn_out``
+    (see module docstring) so that its change propagates; reading ``resid_mid`` uses the pre-MLP norm's input.
 
     Raises:
         ToolkitError: unknown site or layer out of range.
     """
-    if site not in SITES:
+    if site not in SITES and site != HEAD_SITE:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
     layer = check_layer(model, layer)
     block = decoder_layers(model)[layer]
+
+    if site == HEAD_SITE:
+        def z_hook(mod, args):
+            new = fn(args[0])
+            return None if new is None else (new,) + tuple(args[1:])
+
+        return block.self_attn.o_proj.register_forward_pre_hook(z_hook)
 
     if site == "resid_pre" or (site == "resid_mid" and not write):
         module = block if site == "resid_pre" else pre_mlp_norm(block)
@@ -147,16 +160,19 @@ def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool
 
 
 @contextlib.contextmanager
-def hooked(model: nn.Module, specs: list[tuple[str, int, HookFn]], *, write: bool = True) -> Iterator[None]:
-    """Context manager: register ``(site, layer, fn)`` hooks and always remove them on exit (even on error).
+def hooked(model: nn.Module, specs: list[tuple], *, write: bool = True) -> Iterator[None]:
+    """Context manager: register ``(site, layer, fn)`` or ``(site, layer, fn, write)`` hooks (the fourth item
+    overrides ``write`` for that hook) and always remove them on exit (even on error). Every hook's layer is
+    listed in ``PHASE.layers`` while registered, so a cached context that skips early blocks can refuse hooks
+    it would skip.
 
     Raises:
         ToolkitError: unknown site or layer out of range (nothing is left registered).
     """
     handles, layers = [], []
     try:
-        for site, layer, fn in specs:
-            handles.append(add_hook(model, site, layer, fn, write=write))
+        for site, layer, fn, *own in specs:
+            handles.append(add_hook(model, site, layer, fn, write=own[0] if own else write))
             layers.append(check_layer(model, layer))
             PHASE.layers.append(layers[-1])
         yield

@@ -62,11 +62,10 @@ from torch import nn
 
 from .activations import Batch
 from .errors import ToolkitError
-from .hooks import PHASE, SITES, add_hook, check_layer, decoder_layers
+from .hooks import HEAD_SITE, PHASE, SITES, check_layer, decoder_layers, hooked
 from .runner import Context, Encoded, Runner
 from .scoring import refusal_score
 
-HEAD_SITE = "z"
 PATCH_SITES = SITES + (HEAD_SITE,)
 DIRECTIONS = ("denoise", "noise")
 
@@ -261,33 +260,6 @@ def head_components(layers: Sequence[int], n_heads: int, positions: Sequence[int
 
 # ------------------------------------------------------------------------------------------------ hooks
 @contextlib.contextmanager
-def _site_hooks(model: nn.Module, specs: list[tuple[str, int, Callable, bool]]) -> Iterator[None]:
-    """Register ``(site, layer, fn, write)`` hooks, ``site`` in :data:`PATCH_SITES`; ``z`` is a forward pre-hook on
-    ``o_proj``. Every hook's layer is listed in ``PHASE.layers`` (so a context that skips early blocks refuses
-    hooks it would skip) and everything is removed on exit, errors included."""
-    handles, layers = [], []
-    try:
-        for site, layer, fn, write in specs:
-            layer = check_layer(model, layer)
-            if site == HEAD_SITE:
-                def pre(mod, args, fn=fn):
-                    new = fn(args[0])
-                    return None if new is None else (new,) + tuple(args[1:])
-
-                handles.append(decoder_layers(model)[layer].self_attn.o_proj.register_forward_pre_hook(pre))
-            else:
-                handles.append(add_hook(model, site, layer, fn, write=write))
-            layers.append(layer)
-            PHASE.layers.append(layer)
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for l in layers:
-            PHASE.layers.remove(l)
-
-
-@contextlib.contextmanager
 def _depth(depth: int) -> Iterator[None]:
     PHASE.depths.append(depth)
     try:
@@ -371,7 +343,7 @@ def capture(runner: Runner, enc: Encoded, layers: dict[str, Sequence[int]], posi
         return fn
 
     specs = [(s, l, make(s, li), False) for s, ls in lay.items() for li, l in enumerate(ls)]
-    with _site_hooks(runner.model, specs), _depth(depth):
+    with hooked(runner.model, specs), _depth(depth):
         logits = runner.logits(enc, desc=desc, context=context)
     return logits, Activations(out, lay, pos)
 
@@ -462,7 +434,7 @@ def patching(runner: Runner, components: Sequence[Component], values: Sequence[t
                 return None
 
             specs.append(("resid_pre", layer, keep, False))
-    with _site_hooks(model, specs), _depth(depth):
+    with hooked(model, specs), _depth(depth):
         try:
             yield
         finally:
