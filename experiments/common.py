@@ -142,23 +142,36 @@ def print_summary(df: pd.DataFrame, title: str, extra_cols: tuple[str, ...] = ()
     out.print(t)
 
 
+def parse_layers(spec: str | None) -> list[int] | None:
+    """The syntax of ``--layers``: ``'12'``, ``'8,12,16'`` or ``'4:8'`` -> layer indices as given (None for None).
+    Commands call it before loading the model so that a typo fails at once; :func:`layer_list` validates.
+
+    Raises:
+        ToolkitError: not integers, or no layer.
+    """
+    from .extract import parse_int_list
+
+    if spec is None:
+        return None
+    layers = parse_int_list(spec, "--layers")
+    if not layers:
+        raise ToolkitError(f"--layers {spec!r} names no layer")
+    return layers
+
+
 def layer_list(lm, spec: str | None, default: list[int] | None = None) -> list[int]:
-    """Layers from ``'12'``, ``'8,12,16'`` or ``'4:8'`` (negative counts from the end), validated against the model;
-    ``default`` (else every layer) when ``spec`` is None.
+    """Layers from ``--layers`` (:func:`parse_layers`; negative counts from the end), validated against the model
+    and without repeats; ``default`` (else every layer) when ``spec`` is None.
 
     Raises:
         ToolkitError: not integers, a layer out of range, or no layer.
     """
     from toolkit.hooks import check_layer
 
-    from .extract import parse_int_list
-
-    if spec is None:
+    layers = parse_layers(spec)
+    if layers is None:
         return list(default) if default is not None else list(range(lm.n_layers))
-    layers = list(dict.fromkeys(check_layer(lm.model, l) for l in parse_int_list(spec, "--layers")))
-    if not layers:
-        raise ToolkitError(f"--layers {spec!r} names no layer")
-    return layers
+    return list(dict.fromkeys(check_layer(lm.model, l) for l in layers))
 
 
 def residuals(runner, prompts: list[str], layers: list[int], site: str, position: int, desc: str):

@@ -24,7 +24,7 @@ from toolkit.runs import Run
 from toolkit.stats import mean_summary, rate_summary
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, layer_list, open_session, out, residuals)
+                     console, handle_errors, layer_list, open_session, out, parse_layers, residuals)
 
 #: a layer whose pooled direction is shorter than this fraction of the mean residual norm has no contrast
 #: (e.g. resid_pre of block 0 at a post-instruction token: the same token embedding in every prompt)
@@ -95,6 +95,7 @@ def cones(
         raise ToolkitError("use at least 20 resamples for --boot and --null (or 0 to skip)")
     if site not in SITES:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
+    parse_layers(layers)  # syntax, before the model is loaded
     H = load_prompt_set(harmful).select_if_split(split)
     G = load_prompt_set(harmless).select_if_split(split)
     counts = pd.Series([r["category"] for r in H.records]).value_counts().sort_index()

@@ -19,7 +19,7 @@ from toolkit.prompts import load_prompt_set
 from toolkit.runs import Run
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, layer_list, open_session, out, residuals)
+                     console, handle_errors, layer_list, open_session, out, parse_layers, residuals)
 
 COLUMNS = [("cos_g_b", "S(g,b)"), ("cos_gm_bm", "S(g*,b*)"), ("cos_g_r", "S(g,r)"), ("cos_gm_rm", "S(g*,r*)"),
            ("cos_b_r", "S(b,r)"), ("cos_bm_rm", "S(b*,r*)"), ("norm_g", "|g|"), ("norm_gm", "|g*|"),
@@ -49,6 +49,7 @@ def geometry(
     """
     if site not in SITES:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
+    parse_layers(layers)  # syntax, before the model is loaded
     G = load_prompt_set(harmless).select_if_split(split).head(limit)
     B = load_prompt_set(harmful).select_if_split(split).head(limit)
     if len(G) < 2 or len(B) < 2:

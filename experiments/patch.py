@@ -8,7 +8,7 @@ import pandas as pd
 import typer
 
 from toolkit.errors import ToolkitError
-from toolkit.hooks import SITES, check_layer
+from toolkit.hooks import SITES
 from toolkit.patching import (DIRECTIONS, check_positions, head_components, head_layout, max_variants,
                               normalised_effect, pair_by_length, parse_sites, plan_passes, run_patching,
                               site_components)
@@ -17,8 +17,7 @@ from toolkit.runs import Run
 from toolkit.steering import parse_positions
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, open_session, out, sweep_bar)
-from .extract import parse_int_list
+                     console, handle_errors, layer_list, open_session, out, parse_layers, sweep_bar)
 
 MAX_ROWS = 256  # rows per stacked forward pass (components x prompts of one base batch)
 UNSTABLE_GAP = 0.5  # score units: below this clean-corrupt gap normalised figures are unstable
@@ -96,9 +95,7 @@ def patch(
     site_list = parse_sites(sites)
     if pairs < 1 or max_len_diff < 0 or last_k < 0 or top < 0 or bootstrap < 0:
         raise ToolkitError("--pairs must be >= 1 and --max-len-diff, --last-k, --top, --bootstrap >= 0")
-    layer_spec = parse_int_list(layers, "--layers") if layers is not None else None
-    if layer_spec is not None and not layer_spec:
-        raise ToolkitError(f"--layers {layers!r} names no layer")
+    parse_layers(layers)
     for spec, opt in ((positions, "--positions"), (head_positions if heads else None, "--head-positions")):
         if spec is not None:
             _positions(spec, [-1], last_k, opt)  # syntax only; post positions come from the model's template
@@ -109,8 +106,7 @@ def patch(
     with Run("patch", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r, lm = ses.runner, ses.lm
-        layer_list = list(range(lm.n_layers)) if layer_spec is None else \
-            list(dict.fromkeys(check_layer(lm.model, l) for l in layer_spec))
+        lays = layer_list(lm, layers)
         post = ses.fmt.post_positions()
         pos = list(check_positions(_positions(positions, post, last_k)))
         hpos = list(check_positions(_positions(head_positions, post, last_k, "--head-positions"))) if heads else []
@@ -131,9 +127,9 @@ def patch(
             raise ToolkitError(f"position {-deepest} needs prompts of at least {deepest + 1} tokens, but the shortest "
                                f"paired prompt has {shortest}: patch fewer positions (--last-k, --positions, "
                                "--head-positions)")
-        comps = site_components(site_list, layer_list, pos)
+        comps = site_components(site_list, lays, pos)
         if heads:
-            comps += head_components(layer_list, lay.n_heads, hpos)
+            comps += head_components(lays, lay.n_heads, hpos)
         n = len(plist)
         total = len(plan_passes(comps, max_variants(r.batch_size, n, MAX_ROWS))) * len(dirs)
         with sweep_bar(r, total, "patch", quiet) as bar:
@@ -184,7 +180,7 @@ def patch(
                          "gap": gap, "unstable": unstable},
             "pairs": {"n": n, "dropped": dropped, "max_len_diff": max_len_diff,
                       "harmful_candidates": len(hset), "harmless_candidates": len(bset)},
-            "layers": layer_list, "sites": site_list, "positions": pos, "post_positions": post,
+            "layers": lays, "sites": site_list, "positions": pos, "post_positions": post,
             "heads": None if lay is None else {"n_heads": lay.n_heads, "n_kv_heads": lay.n_kv_heads,
                                                "head_dim": lay.head_dim, "positions": hpos},
             "directions": dirs, "n_components": len(comps), "n_passes": res.n_passes,

@@ -12,15 +12,14 @@ import typer
 from rich.table import Table
 
 from toolkit.errors import ToolkitError
-from toolkit.hooks import SITES, check_layer
+from toolkit.hooks import SITES
 from toolkit.projection import (METHODS, PACMAP_NEIGHBORS, check_colors, check_method, default_colors, draw_frames,
                                 min_points, project_layers, write_gif)
 from toolkit.prompts import load_prompt_set
 from toolkit.runs import Run
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt, console,
-                     handle_errors, open_session, out)
-from .extract import parse_int_list
+                     handle_errors, layer_list, open_session, out, parse_layers, residuals)
 
 
 def _split_list(text: str | None) -> list[str]:
@@ -79,9 +78,7 @@ def plot_residuals(
         raise ToolkitError("--neighbors must be >= 1")
     if not fps > 0:
         raise ToolkitError(f"--fps must be > 0, got {fps}")
-    layer_list = parse_int_list(layers, "--layers") if layers else None
-    if layer_list is not None and not layer_list:
-        raise ToolkitError("--layers names no layer")
+    parse_layers(layers)
     loaded = []
     for s in set_specs:
         ps = load_prompt_set(s)
@@ -98,9 +95,7 @@ def plot_residuals(
     with Run("plot-residuals", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r, lm = ses.runner, ses.lm
-        if layer_list is None:
-            layer_list = list(range(lm.n_layers))
-        layer_list = list(dict.fromkeys(check_layer(lm.model, l) for l in layer_list))
+        lays = layer_list(lm, layers)
 
         # one pass over every set's prompts, stopping after the last needed layer
         t0 = time.time()
@@ -109,16 +104,16 @@ def plot_residuals(
             prompts += ps.prompts
             groups += [gi] * len(ps)
         groups = np.array(groups)
-        acts = r.collect(r.encode(prompts), layer_list, [site], [position], desc="residuals")[site][:, :, 0]
+        acts = residuals(r, prompts, lays, site, position, "residuals")
         run.time("collect", time.time() - t0)
 
         from tqdm.auto import tqdm
 
         hide = quiet or not sys.stderr.isatty()  # as the runner's own bars
         t0 = time.time()
-        with tqdm(total=len(layer_list), desc=f"project ({method})", unit="layer", disable=hide, leave=False,
+        with tqdm(total=len(lays), desc=f"project ({method})", unit="layer", disable=hide, leave=False,
                   dynamic_ncols=True) as bar:
-            frames = project_layers(acts, groups, layer_list, method, seed=seed, n_neighbors=neighbors,
+            frames = project_layers(acts, groups, lays, method, seed=seed, n_neighbors=neighbors,
                                     progress=bar.update)
         run.time("project", time.time() - t0)
 
@@ -144,7 +139,7 @@ def plot_residuals(
         run.write_csv("projection.csv", pd.DataFrame(rows, columns=["layer", "set", "label", "id", "x", "y"]))
         run.write_csv("separation.csv", sep)
         best = sep.dropna(subset=["silhouette_full"])
-        results = {"layers": layer_list, "n_points": len(groups),
+        results = {"layers": lays, "n_points": len(groups),
                    "counts": {label_list[i]: int((groups == i).sum()) for i in range(len(loaded))},
                    "separation": sep.to_dict(orient="records"),
                    "best_layer_full": int(best.loc[best.silhouette_full.idxmax(), "layer"]) if len(best) else None,
@@ -156,7 +151,7 @@ def plot_residuals(
                                                              for ps, lab, col in zip(loaded, label_list, color_list)],
                            seed=seed,
                            params={"sets": set_specs, "labels": label_list, "colors": color_list, "split": split,
-                                   "limit": limit, "layers": layer_list, "site": site, "position": position,
+                                   "limit": limit, "layers": lays, "site": site, "position": position,
                                    "method": method, "neighbors": neighbors, "gif": gif, "fps": fps,
                                    "system": system, "batch_size": batch_size},
                            results=results)
