@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from toolkit.errors import ToolkitError
 from toolkit.geometry import (LINEAR_MAX_DIM, LINEAR_MIN_COS, POLY_MAX_COS, POLY_MIN_DIM, basic_interval,
-                              cone_distributions, cone_label, kmeans_scan, percentile_interval, permutation_p,
-                              polyhedral_share)
+                              cone_distributions, cone_label, contrast_layers, kmeans_scan, percentile_interval,
+                              permutation_p, polyhedral_share)
 from toolkit.hooks import SITES
 from toolkit.prompts import load_prompt_set
 from toolkit.runs import Run
@@ -25,10 +25,6 @@ from toolkit.stats import mean_summary, rate_summary
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
                      console, handle_errors, layer_list, open_session, out, parse_layers, residuals)
-
-#: a layer whose pooled direction is shorter than this fraction of the mean residual norm has no contrast
-#: (e.g. resid_pre of block 0 at a post-instruction token: the same token embedding in every prompt)
-NO_CONTRAST = 1e-6
 
 
 def separation(h: torch.Tensor, g: torch.Tensor) -> np.ndarray:
@@ -129,7 +125,7 @@ def cones(
         run.time("residuals", time.time() - t0)
         norms = torch.cat([Xh, Xg]).double().norm(dim=-1).mean(0)  # [L]
         pooled = Xh.double().mean(0) - Xg.double().mean(0)  # [L, d]
-        live = [i for i in range(len(lay)) if float(pooled[i].norm()) > NO_CONTRAST * float(norms[i])]
+        live = contrast_layers(pooled, norms)
         dead = [lay[i] for i in range(len(lay)) if i not in live]
         if dead:
             console.print(f"no contrast at layer(s) {dead} (harmful and harmless residuals coincide at this "

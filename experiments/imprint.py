@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from toolkit.errors import ToolkitError
-from toolkit.geometry import IMPRINT_FIGURES, imprint
+from toolkit.geometry import IMPRINT_FIGURES, contrast_layers, imprint
 from toolkit.runs import Run, load_run
 
 from .common import ForceOpt, NameOpt, console, handle_errors, out
@@ -139,7 +139,7 @@ def imprint_cmd(
         d, layers, rn = info["directions"], info["layers"], info["resid_norms"]
         norms = d.norm(dim=1)
         scale = rn if rn is not None else torch.ones_like(norms)
-        live = [i for i in range(len(layers)) if float(norms[i]) > 1e-6 * float(scale[i])]
+        live = contrast_layers(d, scale)
         dead = [layers[i] for i in range(len(layers)) if i not in live]
         if dead:
             notes.append(f"{info['name']}: layer(s) {dead} have no contrast (zero direction) and are left out")

@@ -10,7 +10,7 @@ import torch
 
 from toolkit.errors import ToolkitError
 from toolkit.geometry import (adjacent_smoothness, angular_drift, cone_distributions, cone_figures, cone_label,
-                              cosine_matrix, effective_rank, geometric_median, gini, imprint, kmeans_scan,
+                              contrast_layers, cosine_matrix, effective_rank, geometric_median, gini, imprint, kmeans_scan,
                               orthogonality, residual_geometry, silhouette_two, spectral_decay, specificity,
                               tail_share)
 
@@ -218,3 +218,13 @@ def test_subspace_ablation_removes_the_span_and_equals_directional_for_one(tiny)
     with pytest.raises(ToolkitError, match="d_model"):
         with subspace_ablation(model, torch.ones(2, d + 1)):
             pass
+
+
+def test_contrast_layers_relative_threshold():
+    """A layer counts only if its direction is longer than rel x its scale (the mean residual norm)."""
+    d = torch.zeros(4, 3, dtype=torch.float64)
+    d[1, 0], d[2, 1], d[3, 2] = 1e-9, 2e-6, 5.0  # layer 0 exactly zero, layer 1 rounding noise
+    scale = torch.tensor([1.0, 1.0, 1.0, 100.0])
+    assert contrast_layers(d, scale) == [2, 3]
+    assert contrast_layers(d, scale, rel=1e-10) == [1, 2, 3]
+    assert contrast_layers(d, torch.full((4,), 1e7)) == []

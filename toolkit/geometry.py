@@ -161,6 +161,23 @@ def specificity(c: torch.Tensor) -> torch.Tensor:
     return 1 - (c.abs() * _offdiag(c, "specificity figures")).sum(1) / (c.shape[0] - 1)
 
 
+def contrast_layers(directions, scale, rel: float = 1e-6) -> list[int]:
+    """Indices of the layers whose direction has a contrast: ``||d_l|| > rel * scale_l``.
+
+    A layer where harmful and harmless residuals coincide (``resid_pre`` of layer 0 at the last token is the
+    same token embedding in every prompt) gives a zero (or rounding-noise) direction with no meaningful
+    orientation; such layers are reported and left out rather than analysed.
+
+    Args:
+        directions: ``[L, d]`` per-layer directions.
+        scale: ``[L]`` the size a direction is judged against, e.g. the mean residual norm at that layer.
+        rel: relative threshold.
+    """
+    norms = _as64(directions).norm(dim=1)
+    s = _as64(scale)
+    return [i for i in range(len(norms)) if float(norms[i]) > rel * float(s[i])]
+
+
 # ----------------------------------------------------------------------------------------------- imprint
 def adjacent_smoothness(directions) -> float:
     """Mean ``|cos|`` between the directions of adjacent layers (OBLITERATUS's smoothness), ``[L, d] -> float``.
