@@ -112,6 +112,8 @@ def test_residual_geometry_matches_direct_computation():
 
     sil = silhouette_score(torch.cat([G, B]).numpy(), [0] * 30 + [1] * 25)
     assert res["silhouette"] == pytest.approx(sil, abs=1e-12) and silhouette_two(G, B) == pytest.approx(sil)
+    assert math.isnan(silhouette_two(torch.ones(3, 4), torch.ones(2, 4)))  # all points coincide: undefined
+    assert math.isnan(silhouette_two(G[:1], B[:1]))  # as many groups as points: undefined
     with pytest.raises(ToolkitError, match="two prompts"):
         residual_geometry(G[:1], B)
 

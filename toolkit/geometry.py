@@ -352,19 +352,27 @@ def residual_geometry(harmless, harmful, *, silhouette: bool = True, medians: li
     return out
 
 
-def silhouette_two(a, b) -> float:
-    """Mean silhouette coefficient (Euclidean, scikit-learn) of two labelled point clouds ``[n_a, d]``, ``[n_b, d]``.
+def silhouette(x, groups) -> float:
+    """Mean silhouette coefficient of points ``[n, d]`` labelled by ``groups`` ``[n]`` (Rousseeuw 1987;
+    scikit-learn ``silhouette_score``, Euclidean): the mean over points of ``(b - a) / max(a, b)`` with ``a`` the
+    mean distance to the point's own group and ``b`` to the nearest other group.
 
-    In [-1, 1]; near 1 for well-separated clusters, near 0 for overlapping ones. NaN if all points coincide.
+    In [-1, 1]; near 1 for well-separated groups, near 0 for overlapping ones. NaN where it is undefined: fewer
+    than two groups, not fewer groups than points, or all points identical.
     """
     from sklearn.metrics import silhouette_score
 
-    x = torch.cat([_as64(a), _as64(b)]).numpy()
-    y = np.r_[np.zeros(len(a)), np.ones(len(b))]
-    try:
-        return float(silhouette_score(x, y))
-    except ValueError:
+    a = _as64(x).numpy()
+    g = np.asarray(groups)
+    k = len(np.unique(g))
+    if k < 2 or k >= len(a) or np.ptp(a, axis=0).max() == 0:
         return float("nan")
+    return float(silhouette_score(a, g, metric="euclidean"))
+
+
+def silhouette_two(a, b) -> float:
+    """:func:`silhouette` of two point clouds ``[n_a, d]``, ``[n_b, d]`` (one group each)."""
+    return silhouette(torch.cat([_as64(a), _as64(b)]), np.r_[np.zeros(len(a), int), np.ones(len(b), int)])
 
 
 # --------------------------------------------------------------------------------------------------- cones

@@ -231,10 +231,9 @@ def project_pca(x, seed: int = 0) -> tuple[np.ndarray, dict]:
 
 
 def separation(x, groups) -> float:
-    """Silhouette coefficient of the points ``x`` ``[n_points, n_dims]`` grouped by set (Rousseeuw 1987;
-    scikit-learn ``silhouette_score``, Euclidean): the mean over points of ``(b - a) / max(a, b)`` with ``a`` the
-    mean distance to the point's own set and ``b`` to the nearest other set. 1: tight, well separated sets;
-    0: overlapping; < 0: points nearer another set.
+    """Silhouette coefficient of the points ``x`` ``[n_points, n_dims]`` grouped by set
+    (:func:`toolkit.geometry.silhouette`). 1: tight, well separated sets; 0: overlapping; < 0: points nearer
+    another set.
 
     Returns:
         The coefficient, or NaN when it is undefined (all points identical, or not fewer sets than points).
@@ -242,13 +241,10 @@ def separation(x, groups) -> float:
     Raises:
         ToolkitError: malformed points or groups.
     """
-    a = _check_points(x)
-    g = _check_groups(groups, len(a))
-    if len(np.unique(g)) >= len(a) or np.ptp(a, axis=0).max() == 0:
-        return float("nan")
-    from sklearn.metrics import silhouette_score
+    from .geometry import silhouette
 
-    return float(silhouette_score(a, g, metric="euclidean"))
+    a = _check_points(x)
+    return silhouette(a, _check_groups(groups, len(a)))
 
 
 def orient(points, groups, *, rotate: bool = False, previous=None) -> np.ndarray:
