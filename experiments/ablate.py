@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import typer
 
+from toolkit.checkpoints import check_export_target, export_orthogonalized
 from toolkit.directions import load_direction
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import evaluate
 from toolkit.interventions import directional_ablation, orthogonalize_weights
+from toolkit.models import dtype_from_name
 from toolkit.prompts import load_prompt_set
 from toolkit.runs import Run, load_run
 
@@ -66,6 +65,9 @@ def ablate(
                                  "(same model, prompt files, split and --gen-tokens) instead of recomputing it"),
     save: Path = typer.Option(None, "--save", help="write a weight-orthogonalized Hugging Face checkpoint here "
                               "and evaluate it on the harmful set"),
+    save_dtype: str = typer.Option("auto", "--save-dtype", help="dtype of the --save checkpoint: auto (the source "
+                                   "checkpoint's stored dtype, whatever --dtype computes in), float32, bfloat16, "
+                                   "float16"),
     model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
     system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
 ):
@@ -73,8 +75,10 @@ def ablate(
     harmless refusal before/after and KL divergence on harmless prompts.
 
     Writes runs/ablate/NAME/ with results.csv (per prompt and condition), summary.csv and run.json. With --save,
-    also a weight-orthogonalized checkpoint that plain transformers loads, evaluated as a third condition.
+    also a weight-orthogonalized checkpoint that plain transformers loads, evaluated as a third condition; it is
+    computed from the source checkpoint's weights and keeps their stored dtype unless --save-dtype says otherwise.
     """
+    saved_as = None if save_dtype == "auto" else dtype_from_name(save_dtype, "--save-dtype")
     d, meta, dsource = resolve_direction(direction)
     H = load_prompt_set(harmful).select(split).head(limit)
     B = load_prompt_set(harmless).select(split).head(limit)
@@ -83,6 +87,8 @@ def ablate(
     with Run("ablate", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         check_direction_matches(meta, d.shape[0], ses.lm)
+        if save is not None:
+            check_export_target(Path(ses.lm.source), save, overwrite=force)
         r = ses.runner
         eh, eb = r.encode(H.prompts), r.encode(B.prompts)
         t0 = time.time()
@@ -110,7 +116,7 @@ def ablate(
             conds += [("orthogonalized", H, orth_h, kl_or_none(orth_h, base_h)),
                       ("orthogonalized", B, orth_b, orth_b.kl_from(base_b))]
             ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl_b.logits).abs().max())
-            _save_checkpoint(ses.lm, save, force)
+            ortho_info.update(export_orthogonalized(Path(ses.lm.source), d, save, dtype=saved_as, overwrite=force))
             run.time("orthogonalized", time.time() - t0)
         rows, summary = [], []
         for cond, ps, ev, kl in conds:
@@ -129,15 +135,20 @@ def ablate(
             results["orthogonalized"] = {"saved_to": str(save), "untied_lm_head": ortho_info["untied_lm_head"],
                                          "exact_equivalent": ortho_info["exact_equivalent"],
                                          "n_edited": len(ortho_info["edited"]),
-                                         "max_abs_logit_diff_vs_hooks": ortho_info["max_abs_logit_diff_vs_hooks"]}
+                                         "max_abs_logit_diff_vs_hooks": ortho_info["max_abs_logit_diff_vs_hooks"],
+                                         "compute_dtype": ses.lm.describe()["dtype"],
+                                         "source_stored_dtype": ortho_info["stored_dtype"],
+                                         "saved_dtype": ortho_info["saved_dtype"]}
         final = run.finish(model=ses.lm.describe(), prompt_sets=[H.describe(), B.describe()], seed=seed,
                            params={"direction": dsource, "split": split, "gen_tokens": gen_tokens, "limit": limit,
-                                   "system": system, "save": str(save) if save else None, "baseline": baseline,
+                                   "system": system, "save": str(save) if save else None, "save_dtype": save_dtype,
+                                   "baseline": baseline,
                                    "refusal_token_ids": ses.refusal_ids},
                            results=results)
     print_summary(sm, f"ablation of {dsource} (layer {meta.get('layer')}, pos {meta.get('pos')}): {final}")
     if ortho_info is not None:
-        console.print(f"saved weight-orthogonalized model to {save} (untied LM head: {ortho_info['untied_lm_head']}; "
+        console.print(f"saved weight-orthogonalized model to {save} ({ortho_info['saved_dtype']}; untied LM head: "
+                      f"{ortho_info['untied_lm_head']}; "
                       f"max |logit difference| vs hook ablation {ortho_info['max_abs_logit_diff_vs_hooks']:.2e})")
     console.print(f"wrote {final}")
 
@@ -178,21 +189,3 @@ def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit):
     df = df.loc[ps.ids]
     refusals = df["refusal"].map(lambda v: str(v) == "True").to_numpy()
     return Evaluation(None, df["score"].astype(float).to_numpy(), df["completion"].astype(str).tolist(), refusals)
-
-
-def _save_checkpoint(lm, dest: Path, force: bool) -> None:
-    """Write model and tokenizer to ``dest`` atomically (temporary sibling folder, then rename)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
-        lm.model.save_pretrained(str(tmp), safe_serialization=True)
-        lm.tokenizer.save_pretrained(str(tmp))
-        if dest.exists():
-            if not force:
-                raise ToolkitError(f"{dest} already exists; pass --force")
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

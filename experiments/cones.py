@@ -92,8 +92,8 @@ def cones(
     if site not in SITES:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
     parse_layers(layers)  # syntax, before the model is loaded
-    H = load_prompt_set(harmful).select_if_split(split)
-    G = load_prompt_set(harmless).select_if_split(split)
+    H = load_prompt_set(harmful).select(split)
+    G = load_prompt_set(harmless).select(split)
     counts = pd.Series([r["category"] for r in H.records]).value_counts().sort_index()
     kept = [c for c, n in counts.items() if n >= min_per_category]
     excluded = {c: int(n) for c, n in counts.items() if n < min_per_category}
@@ -290,11 +290,11 @@ def ablation_test(ses, harmful: str, harmless: str, split: str, cats: list[str],
     from toolkit.steering import random_directions
 
     r = ses.runner
-    Hs = load_prompt_set(harmful).select_if_split(split)
+    Hs = load_prompt_set(harmful).select(split)
     Hs = Hs.subset([i for i, rec in enumerate(Hs.records) if rec["category"] in cats])
     if len(Hs) == 0:
         raise ToolkitError(f"the ablation test found no {split} prompts of the analysed categories")
-    Gs = load_prompt_set(harmless).select_if_split(split).head(n_harmless)
+    Gs = load_prompt_set(harmless).select(split).head(n_harmless)
     eh, eg = r.encode(Hs.prompts), r.encode(Gs.prompts)
     extra, _ = random_directions(len(cats) - 1, single.shape[0], seed, orthogonal_to=single.float())
     conds = {"none": None, "single": single[None].float(), "categories": cat_dirs.float(),

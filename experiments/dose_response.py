@@ -65,7 +65,7 @@ def dose_response(
     sets = []
     for role, spec in (("harmful", harmful), ("benign", benign)):
         ps = load_prompt_set(spec)
-        ps = ps.select_if_split(split).head(limit)
+        ps = ps.select(split).head(limit)
         sets.append((role, ps))
     with Run("dose-response", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)

@@ -22,8 +22,8 @@ from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt,
 
 @handle_errors
 def extract(
-    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set (needs train and val splits)"),
-    harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set (train and val splits)"),
+    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set (its train and val splits; a file without splits is used whole for both)"),
+    harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set (train and val splits; a file without splits: whole)"),
     n_train: int = typer.Option(None, "--n-train", help="use at most N training prompts per set"),
     n_val: int = typer.Option(None, "--n-val", help="use at most N validation prompts per set"),
     filter_by: str = typer.Option("judge", "--filter", help="training filter: judge (harmful prompts the model "
@@ -64,6 +64,10 @@ def extract(
     H, B = load_prompt_set(harmful), load_prompt_set(harmless)
     h_train, b_train = H.select("train").head(n_train), B.select("train").head(n_train)
     h_val, b_val = H.select("val").head(n_val), B.select("val").head(n_val)
+    overlap = [ps.name for ps in (H, B) if not ps.has_splits]
+    if overlap:
+        console.print(f"note: {', '.join(overlap)} has no splits, so its training and validation prompts are the "
+                      "same file (selection is then judged on the prompts the directions came from)")
     with Run("extract", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r = ses.runner
@@ -121,6 +125,7 @@ def extract(
                               ("bypass", "induce", "kl", "judge_refusal", "bypass_screen")}},
                    "baseline": sel.baseline, "stages": stages, "selection_timings": sel.timings,
                    "induce_filter": sel.induce_rule,
+                   "train_val_same_prompts": overlap,
                    "train_kept": {"harmful": len(cands.harmful_kept), "harmless": len(cands.harmless_kept),
                                   "harmful_total": len(h_train), "harmless_total": len(b_train)}}
         final = run.finish(model=ses.lm.describe(), prompt_sets=[p.describe() for p in (h_train, b_train, h_val, b_val)],

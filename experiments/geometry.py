@@ -50,8 +50,8 @@ def geometry(
     if site not in SITES:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
     parse_layers(layers)  # syntax, before the model is loaded
-    G = load_prompt_set(harmless).select_if_split(split).head(limit)
-    B = load_prompt_set(harmful).select_if_split(split).head(limit)
+    G = load_prompt_set(harmless).select(split).head(limit)
+    B = load_prompt_set(harmful).select(split).head(limit)
     if len(G) < 2 or len(B) < 2:
         raise ToolkitError(f"the geometry table needs at least two prompts per set (got {len(G)} and {len(B)})")
     with Run("geometry", name, force) as run:

@@ -39,7 +39,7 @@ def _positions(spec: str | None, post: list[int], last_k: int, opt: str = "--pos
 
 def _select(spec: str, split: str, column: str | None) -> PromptSet:
     ps = load_prompt_set(spec, column)
-    return ps.select_if_split(split)
+    return ps.select(split)
 
 
 @handle_errors

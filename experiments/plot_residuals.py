@@ -82,7 +82,7 @@ def plot_residuals(
     loaded = []
     for s in set_specs:
         ps = load_prompt_set(s)
-        loaded.append(ps.select_if_split(split).head(limit))
+        loaded.append(ps.select(split).head(limit))
     label_list = label_list or [ps.name for ps in loaded]
     if len(set(label_list)) != len(label_list):
         raise ToolkitError(f"labels must differ between sets, got {', '.join(label_list)} (give --labels)")

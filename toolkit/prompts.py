@@ -33,6 +33,8 @@ class PromptSet:
         sha256: hash of the source bytes (or of the dataset's prompts), recorded in runs.
         records: dicts with ``id``, ``prompt``, ``category``, ``split``.
         split: the split this set was restricted to, or None.
+        split_ignored: the split that was asked for but not applied because the file has no splits (see
+            :meth:`select`), or None.
     """
 
     name: str
@@ -40,6 +42,7 @@ class PromptSet:
     sha256: str
     records: list[dict] = field(default_factory=list)
     split: str | None = None
+    split_ignored: str | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -54,40 +57,49 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def has_splits(self) -> bool:
+        """Whether any record names a split (``train``/``val``/``test``)."""
+        return any(r.get("split") for r in self.records)
+
     def select(self, split: str | None) -> PromptSet:
-        """This set restricted to one split (``None`` keeps all).
+        """This set restricted to one split: the one split rule of every command.
+
+        ``None`` or ``"all"`` keeps every prompt. A file whose records name no split at all is used whole, whatever
+        split is asked for, and the returned set records the split it ignored (``split_ignored``, in
+        :meth:`describe`), so that a run says so.
 
         Raises:
-            ToolkitError: unknown split, or no prompt in it.
+            ToolkitError: unknown split, or the file has splits but none of this one.
         """
         if split is None or split == "all":
             return self
         if split not in SPLITS:
             raise ToolkitError(f"unknown split {split!r}; choose train, val, test or all")
+        if not self.has_splits:
+            return PromptSet(self.name, self.source, self.sha256, self.records, None, split)
         recs = [r for r in self.records if r.get("split") == split]
         if not recs:
             raise ToolkitError(f"prompt set {self.name!r} has no prompts in split {split!r}")
         return PromptSet(self.name, self.source, self.sha256, recs, split)
 
-    def select_if_split(self, split: str | None) -> PromptSet:
-        """:meth:`select` if any record has a split; a file without splits is kept whole.
-
-        Raises:
-            ToolkitError: unknown split, or the file has splits but none of this one.
-        """
-        return self.select(split if any(r.get("split") for r in self.records) else None)
-
     def subset(self, keep: list[int]) -> PromptSet:
         """A copy holding only the records at the given indices (same name, source and hash)."""
-        return PromptSet(self.name, self.source, self.sha256, [self.records[i] for i in keep], self.split)
+        return PromptSet(self.name, self.source, self.sha256, [self.records[i] for i in keep], self.split,
+                         self.split_ignored)
 
     def head(self, n: int | None) -> PromptSet:
         """The first ``n`` records (all if ``n`` is None)."""
         return self if n is None else self.subset(list(range(min(n, len(self)))))
 
     def describe(self) -> dict:
-        """Provenance stored in runs: name, source, sha256, split and count."""
-        return {"name": self.name, "source": self.source, "sha256": self.sha256, "split": self.split, "n": len(self)}
+        """Provenance stored in runs: name, source, sha256, split, count, and ``split_ignored`` with a note when the
+        file has no splits and was used whole although a split was asked for."""
+        d = {"name": self.name, "source": self.source, "sha256": self.sha256, "split": self.split, "n": len(self)}
+        if self.split_ignored:
+            d["split_ignored"] = self.split_ignored
+            d["split_note"] = f"the file has no splits: all {len(self)} prompts were used for split {self.split_ignored!r}"
+        return d
 
 
 def _record(obj: dict, line: int, where: str, column: str | None, idx: int, stem: str) -> dict:

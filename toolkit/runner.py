@@ -169,7 +169,8 @@ class Runner:
 
     # ---------------------------------------------------------------------------------------- internals
     def _prefix_cache(self, enc: Encoded):
-        """Compute the shared prefix's KV cache (batch 1) under the active hooks, phase ``prefix``."""
+        """Compute the shared prefix's KV cache (batch 1) under the active hooks, phase ``prefix``; the decoder
+        only (no LM head: no logits are wanted)."""
         if enc.prefix_len == 0:
             return None
         from transformers import DynamicCache
@@ -178,7 +179,7 @@ class Runner:
         ids = torch.tensor([enc.prefix], device=self.lm.device)
         with phase("prefix"):
             try:
-                self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                self.model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True)
             except StopForward:
                 pass
         return cache
@@ -275,16 +276,18 @@ class Runner:
             c = kw.get("past_key_values") or DynamicCache(config=self.model.config)
             mask = kw["attention_mask"]
             h = blocks[0].register_forward_hook(kind)
+            rest = {"input_ids": kw["input_ids"][:, :-k], "position_ids": kw["position_ids"][:, :-k],
+                    "attention_mask": mask[:, :-k], "past_key_values": c, "use_cache": True}
             try:
-                res = self.model(input_ids=kw["input_ids"][:, :-k], position_ids=kw["position_ids"][:, :-k],
-                                 attention_mask=mask[:, :-k], past_key_values=c, use_cache=True, logits_to_keep=1,
-                                 output_hidden_states=head_once is None)
+                if head_once is None:  # can the LM head be applied to final hidden states on its own? check once
+                    res = self.model(**rest, logits_to_keep=1, output_hidden_states=True)
+                    mine = self._head(res.hidden_states[-1][:, -1]).float()
+                    ref = res.logits[:, -1].float()
+                    head_once = bool(torch.allclose(mine, ref, atol=1e-3 * (1 + float(ref.abs().max())), rtol=1e-3))
+                else:  # only the caches are wanted: the decoder, no LM head
+                    self.model.get_decoder()(**rest)
             finally:
                 h.remove()
-            if head_once is None:  # can the LM head be applied to final hidden states on its own? check once
-                mine = self._head(res.hidden_states[-1][:, -1]).float()
-                ref = res.logits[:, -1].float()
-                head_once = bool(torch.allclose(mine, ref, atol=1e-3 * (1 + float(ref.abs().max())), rtol=1e-3))
             resid = None
             if start_layer > 0:
                 h = blocks[start_layer].register_forward_pre_hook(grab, with_kwargs=True)
