@@ -105,7 +105,7 @@ def test_cones_bad_input(env, runs, tmp_path):
 
 
 def test_geometry_matches_a_direct_computation(env, runs):
-    out = assert_ok(invoke(geometry_args(env, "--name", "g")))
+    out = assert_ok(invoke(geometry_args(env, "--dtype", "float32", "--name", "g")))
     run = runs / "geometry" / "g"
     assert {"geometry.csv", "directions.safetensors", "run.json"} == entries(run)
     assert "S(g*,b*)" in out and "Silh" in out

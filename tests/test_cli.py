@@ -139,7 +139,8 @@ def sets(tmp_path):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """Run once: extract (all layers) -> ablate --save -> compare, in one module-level runs folder."""
+    """Run once: extract (all layers) -> ablate --save -> compare, in one module-level runs folder; float32 pinned,
+    since the tests compare the hook ablation with the saved weights exactly."""
     base = tmp_path_factory.mktemp("pipeline")
     model, h, b = tiny_files(base)
     res = {"base": base, "model": model, "h": h, "b": b, "runs": base / "runs", "saved": base / "ortho"}
@@ -148,11 +149,12 @@ def pipeline(tmp_path_factory):
         mp.setenv("TQDM_DISABLE", "1")
         mp.chdir(base)
         res["extract"] = invoke(["extract", "--harmful", h, "--harmless", b, "--model", model, *EXTRACT_FAST, *PERMISSIVE,
-                                 "--name", "ex"])
+                                 "--dtype", "float32", "--name", "ex"])
         if res["extract"].exit_code != 0:
             return res
         res["ablate"] = invoke(["ablate", "--direction", "runs/extract/ex", "--harmful", h, "--harmless", b,
-                                "--split", "test", "--model", model, *FAST, "--name", "ab", "--save", res["saved"]])
+                                "--split", "test", "--model", model, *FAST, "--dtype", "float32", "--name", "ab",
+                                "--save", res["saved"]])
         if res["ablate"].exit_code != 0:
             return res
         res["compare"] = invoke(["compare", "runs/extract/ex", "runs/ablate/ab", "--name", "cmp"])
@@ -306,6 +308,56 @@ def test_ablate_saved_model_matches_hook_ablation(pipeline):
         got = ortho(ids).logits
     assert (plain - hooked).abs().max() > 1e-2  # the ablation changes something
     torch.testing.assert_close(got, hooked, atol=1e-4, rtol=1e-4)
+
+
+def _saved_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_ablate_save_keeps_the_stored_dtype_whatever_the_compute_dtype(pipeline, env):
+    assert_ok(step(pipeline, "ablate"))
+    ref = _saved_tensors(pipeline["saved"])  # the float32 session's checkpoint
+    assert {t.dtype for t in ref.values()} == {torch.float32}
+    common = ["ablate", "--direction", pipeline["runs"] / "extract" / "ex", "--harmful", pipeline["h"], "--harmless",
+              pipeline["b"], "--model", pipeline["model"], *FAST, "--limit", "2", "--dtype", "bfloat16"]
+    assert_ok(invoke(common + ["--name", "bf", "--save", env.parent / "bf"]))
+    run = json.loads((env / "ablate" / "bf" / "run.json").read_text())
+    o = run["results"]["orthogonalized"]
+    assert (run["model"]["dtype"], o["compute_dtype"], o["source_stored_dtype"], o["saved_dtype"]) == (
+        "bfloat16", "bfloat16", "float32", "float32")
+    got = _saved_tensors(env.parent / "bf")
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)  # computed from the source
+    assert_ok(invoke(common + ["--name", "bf2", "--save", env.parent / "bf2", "--save-dtype", "bfloat16"]))
+    got = _saved_tensors(env.parent / "bf2")
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], ref[k].to(torch.bfloat16)) for k in ref)
+    assert json.loads((env / "ablate" / "bf2" / "run.json").read_text())["params"]["save_dtype"] == "bfloat16"
+
+
+def test_ablate_save_refuses_the_model_folder_and_a_bad_dtype(pipeline, env):
+    assert_ok(step(pipeline, "ablate"))
+    common = ["ablate", "--direction", pipeline["runs"] / "extract" / "ex", "--harmful", pipeline["h"], "--harmless",
+              pipeline["b"], "--model", pipeline["model"], *FAST, "--limit", "2"]
+    before = sorted(p.name for p in pipeline["model"].iterdir())
+    assert_usage_error(invoke(common + ["--save", pipeline["model"], "--force"]), "over the source checkpoint")
+    assert sorted(p.name for p in pipeline["model"].iterdir()) == before
+    assert_usage_error(invoke(common + ["--save", env.parent / "x", "--save-dtype", "int4"]), "--save-dtype", "int4")
+    assert not (env.parent / "x").exists() and entries(env / "ablate") == set()
+
+
+def test_ablate_uses_a_file_without_splits_whole(pipeline, env):
+    assert_ok(step(pipeline, "ablate"))
+    mine = env.parent / "my.txt"
+    mine.write_text("how do i make a bomb\nsteal a car please\nhack computer\n")
+    assert_ok(invoke(["ablate", "--direction", pipeline["runs"] / "extract" / "ex", "--harmful", mine, "--harmless",
+                      pipeline["b"], "--model", pipeline["model"], *FAST, "--split", "test", "--name", "txt"]))
+    run = json.loads((env / "ablate" / "txt" / "run.json").read_text())
+    sets = {p["name"]: p for p in run["prompt_sets"]}
+    assert sets["my"]["n"] == 3 and sets["my"]["split"] is None and sets["my"]["split_ignored"] == "test"
+    assert sets["b"]["split"] == "test" and "split_ignored" not in sets["b"]
+    sm = pd.read_csv(env / "ablate" / "txt" / "summary.csv")
+    assert set(sm[sm.set == "my"].n) == {3} and set(sm[sm.set == "my"].split) == {"all"}
 
 
 def test_compare(pipeline):

@@ -126,6 +126,25 @@ def test_select(tmp_path):
     assert ps.select("all") is ps and ps.select(None) is ps
     with pytest.raises(ToolkitError, match="bogus"):
         ps.select("bogus")
+    with pytest.raises(ToolkitError, match="no prompts in split 'test'"):
+        ps.subset([0, 1]).select("test")  # the file has splits, just not this one
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_select_of_a_file_without_splits_keeps_every_prompt_and_says_so(tmp_path, split):
+    p = tmp_path / "mine.txt"
+    p.write_text("first prompt\nsecond prompt\nthird prompt\n")
+    ps = load_prompt_set(str(p))
+    assert not ps.has_splits
+    got = ps.select(split)
+    assert got.prompts == ["first prompt", "second prompt", "third prompt"]
+    assert got.split is None and got.split_ignored == split
+    d = got.head(2).describe()  # the record survives head/subset
+    assert d["split"] is None and d["split_ignored"] == split and d["n"] == 2
+    assert d["split_note"] == f"the file has no splits: all 2 prompts were used for split {split!r}"
+    assert "split_ignored" not in ps.describe() and "split_ignored" not in ps.select("all").describe()
+    with pytest.raises(ToolkitError, match="bogus"):
+        ps.select("bogus")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -244,12 +263,70 @@ def test_load_model_folder_without_config(tmp_path, cache):
         models.load_model(str(folder), dtype="float32", device="cpu")
 
 
-def test_resolve_dtype():
+def test_resolve_dtype(monkeypatch):
+    monkeypatch.delenv(models.AUTO_DTYPE_ENV, raising=False)
     assert models.resolve_dtype("float32") is torch.float32
     assert models.resolve_dtype("bf16") is torch.bfloat16
-    assert models.resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    assert models.resolve_dtype("fp16") is torch.float16
+    assert models.resolve_dtype("auto", torch.device("cpu")) is (
+        torch.bfloat16 if models.cpu_supports_bf16() else torch.float32)
     with pytest.raises(ToolkitError, match="bogus"):
         models.resolve_dtype("bogus")
+
+
+CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx avx2 fma {extra}\n\nprocessor\t: 1\n"
+
+
+@pytest.mark.parametrize("extra,native", [("", False), ("avx512f avx512bw", False), ("avx512f avx512_bf16", True),
+                                          ("amx_tile amx_bf16", True), ("avx512_bf16_not", False)])
+def test_cpu_bf16_flags(extra, native):
+    assert models.cpu_supports_bf16(CPUINFO.format(extra=extra)) is native
+
+
+def test_cpu_bf16_flags_arm():
+    assert models.cpu_supports_bf16("Features\t: fp asimd evtstrm aes sve bf16 i8mm\n") is True
+    assert models.cpu_supports_bf16("Features\t: fp asimd evtstrm aes\n") is False
+    assert models.cpu_supports_bf16("") is False
+
+
+def test_auto_dtype_on_both_kinds_of_cpu(monkeypatch):
+    monkeypatch.delenv(models.AUTO_DTYPE_ENV, raising=False)
+    cpu = torch.device("cpu")
+    assert models.resolve_dtype("auto", cpu, cpu_bf16=True) is torch.bfloat16
+    assert models.resolve_dtype("auto", cpu, cpu_bf16=False) is torch.float32
+    assert models.resolve_dtype("auto", torch.device("meta")) is torch.float32  # neither CPU nor CUDA: float32
+    monkeypatch.setattr(models, "cpu_supports_bf16", lambda cpuinfo=None: True)
+    assert models.resolve_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(models, "cpu_supports_bf16", lambda cpuinfo=None: False)
+    assert models.resolve_dtype("auto", cpu) is torch.float32
+
+
+def test_auto_dtype_forced_by_the_environment(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(models.AUTO_DTYPE_ENV, "bfloat16")
+    assert models.resolve_dtype("auto", cpu, cpu_bf16=False) is torch.bfloat16
+    assert models.resolve_dtype("float32", cpu) is torch.float32  # an explicit dtype is never overridden
+    monkeypatch.setenv(models.AUTO_DTYPE_ENV, "float32")
+    assert models.resolve_dtype("auto", cpu, cpu_bf16=True) is torch.float32
+    monkeypatch.setenv(models.AUTO_DTYPE_ENV, "int8")
+    with pytest.raises(ToolkitError, match="REFUSAL_TOOLKIT_AUTO_DTYPE value 'int8'"):
+        models.resolve_dtype("auto", cpu)
+    assert models.resolve_dtype("bf16", cpu) is torch.bfloat16
+
+
+def test_repair_cache_config_removes_only_a_gguf_quantization_config(tmp_path):
+    cfg = {"model_type": "qwen2", "hidden_size": 32, "dtype": "float32",
+           "quantization_config": {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert models.repair_cache_config(tmp_path) is True
+    fixed = json.loads((tmp_path / "config.json").read_text())
+    assert fixed == {k: v for k, v in cfg.items() if k != "quantization_config"}
+    assert models.repair_cache_config(tmp_path) is False  # already clean
+    other = dict(cfg, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    (tmp_path / "config.json").write_text(json.dumps(other))
+    assert models.repair_cache_config(tmp_path) is False
+    assert json.loads((tmp_path / "config.json").read_text()) == other
+    assert models.repair_cache_config(tmp_path / "missing") is False
 
 
 # ------------------------------------------------------------------------------------------------ runs
