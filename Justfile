@@ -3,7 +3,8 @@
 python := env_var_or_default("PYTHON", "python3")
 demo_name := "demo"
 
-# Install (keeps an existing PyTorch; else the CPU wheel of torch 2.13.0) with the default model and dev tools
+# Install (keeps an existing PyTorch; else the CPU wheel of torch 2.13.0) with the default model and dev tools,
+# at the versions pinned in constraints.txt
 install:
     bash scripts/install.sh
 
@@ -11,10 +12,14 @@ install:
 test:
     {{python}} -m pytest -q
 
-# Unit tests, then the slow integration test on the default model (what CI runs)
+# Unit tests, then the slow integration test on the default model (the README's test command; CI adds test-bf16)
 test-all:
     {{python}} -m pytest -q
     {{python}} -m pytest -q -m slow
+
+# Fast unit tests with `--dtype auto` resolved to bfloat16 on any CPU ($REFUSAL_TOOLKIT_AUTO_DTYPE)
+test-bf16:
+    REFUSAL_TOOLKIT_AUTO_DTYPE=bfloat16 {{python}} -m pytest -q
 
 # The main job on the default model: score -> extract -> ablate -> compare, printing a before/after table
 demo:
@@ -38,11 +43,11 @@ dose-response-demo:
     refusal steer --learn borderline --layers 12 --alpha 0 --sets harmful --limit 2 --no-plot --name dose-direction-{{demo_name}} --force -q
     refusal dose-response --direction runs/steer/dose-direction-{{demo_name}}/direction_L12.safetensors --alpha=-0.3:0.6:0.15 --limit 60 --name {{demo_name}} --force
 
-# Benchmark: activation-collection throughput (prompt tokens/s) and the demo's wall time
+# Benchmark: every pass in float32 and bfloat16 side by side with the ratio, then the demo's wall time
 bench:
     {{python}} scripts/bench.py
 
-# Benchmark without the demo (throughput only)
+# Benchmark without the demo (the passes only)
 bench-quick:
     {{python}} scripts/bench.py --no-demo
 

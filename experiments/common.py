@@ -21,8 +21,9 @@ out = Console(width=None if sys.stdout.isatty() else 120)  # wide tables when pi
 # ---------------------------------------------------------------------------------------------- options
 ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face id, local folder or .gguf file "
                         "[default: the offline Qwen2.5-Coder-0.5B-Instruct Q4_K_M]")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 where the CPU/GPU computes it natively, else "
-                        "float32), float32, bfloat16, float16")
+DtypeOpt = typer.Option("auto", "--dtype", help="compute dtype: auto (bfloat16 on CUDA and on CPUs with native "
+                        "bfloat16, else float32; $REFUSAL_TOOLKIT_AUTO_DTYPE overrides it), float32, bfloat16, "
+                        "float16. Statistics run in float32 or wider; run.json records the dtype")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps")
 BatchOpt = typer.Option(16, "--batch-size", "-b", help="prompts per forward pass")
 NameOpt = typer.Option(None, "--name", help="run name under runs/<command>/ [default: timestamp]")
