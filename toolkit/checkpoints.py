@@ -11,9 +11,6 @@ dtype written, and saved atomically (a temporary sibling folder renamed into pla
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import torch
 
 from .errors import ToolkitError
 from .interventions import orthogonalize_weights
-from .models import is_gguf_quantization
+from .models import is_gguf_quantization, write_checkpoint
 
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -125,19 +122,5 @@ def export_orthogonalized(source: Path, direction: torch.Tensor, dest: Path, *, 
                 }.values():
         if is_gguf_quantization(getattr(cfg, "quantization_config", None)):
             del cfg.quantization_config
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
-        try:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tok.save_pretrained(str(tmp))
-        except Exception as e:
-            raise ToolkitError(f"could not save the checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}"
-                               ) from None
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(model, tok, dest)
     return {"stored_dtype": _dtype_name(stored), "saved_dtype": _dtype_name(target), **info}

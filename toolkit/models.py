@@ -403,7 +403,6 @@ def _dequantize_gguf_to_cache(gguf: Path, sha: str) -> Path:
     target = _gguf_cache_dir(sha)
     if (target / CACHE_COMPLETE).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         gmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -422,18 +421,39 @@ def _dequantize_gguf_to_cache(gguf: Path, sha: str) -> Path:
     missing = [n for n, p in rebuilt.named_parameters() if p.is_meta]
     if missing:
         raise ToolkitError(f"GGUF {gguf} did not provide weights for {missing[:3]}")
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    write_checkpoint(rebuilt, tok, target, extra={CACHE_COMPLETE: json.dumps({"gguf": str(gguf), "sha256": sha})})
+    return target
+
+
+def write_checkpoint(model, tokenizer, dest: Path, *, extra: dict[str, str] | None = None) -> None:
+    """Save a model (safetensors) and its tokenizer as a Hugging Face folder at ``dest``, atomically: written into
+    a hidden sibling folder and renamed into place only when complete, replacing an existing ``dest`` (callers
+    decide whether that is allowed).
+
+    Args:
+        extra: more text files to write into the folder, ``{name: content}``.
+
+    Raises:
+        ToolkitError: transformers could not save (the partial folder is removed).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
-        rebuilt.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
-        (tmp / CACHE_COMPLETE).write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+        except Exception as e:
+            raise ToolkitError(f"could not save the checkpoint {dest}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from None
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "auto") -> LoadedModel:
