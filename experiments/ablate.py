@@ -58,7 +58,8 @@ def ablate(
     direction: str = typer.Option(..., "--direction", "-d", help="runs/extract/NAME (or NAME) or a direction file"),
     harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set"),
     harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set"),
-    split: str = typer.Option("test", "--split", help="split evaluated: train, val, test or all"),
+    split: str = typer.Option("test", "--split", help="split evaluated: train, val, test or all (files without "
+                              "splits: all)"),
     limit: int = typer.Option(None, "--limit", help="evaluate only the first N prompts of each set"),
     gen_tokens: int = GenOpt,
     baseline: str = typer.Option(None, "--baseline", help="reuse the per-prompt baseline of a score run "

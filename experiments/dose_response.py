@@ -32,7 +32,7 @@ def dose_response(
     scale: str = ScaleOpt,
     harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set (refusal is wanted)"),
     benign: str = typer.Option("borderline", "--benign", help="benign prompt set (refusal is over-refusal)"),
-    split: str = typer.Option("test", "--split", help="split of both sets"),
+    split: str = typer.Option("test", "--split", help="split of both sets (files without splits: all)"),
     limit: int = typer.Option(None, "--limit", help="at most N prompts per set"),
     gen_tokens: int = typer.Option(12, "--gen-tokens", help="greedy tokens generated and judged per prompt"),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the ED50 and TI-S intervals"),

@@ -22,8 +22,10 @@ from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt,
 
 @handle_errors
 def extract(
-    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set (its train and val splits; a file without splits is used whole for both)"),
-    harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set (train and val splits; a file without splits: whole)"),
+    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set (its train and val splits; a file "
+                                "without splits is used whole for both)"),
+    harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set (train and val splits; a file "
+                                 "without splits: whole)"),
     n_train: int = typer.Option(None, "--n-train", help="use at most N training prompts per set"),
     n_val: int = typer.Option(None, "--n-val", help="use at most N validation prompts per set"),
     filter_by: str = typer.Option("judge", "--filter", help="training filter: judge (harmful prompts the model "

@@ -52,7 +52,7 @@ def steer(
     holdout_frac: float = typer.Option(0.5, "--holdout-frac", help="share of the --learn set held out"),
     sets: str = typer.Option("harmful,borderline", "--sets", help="comma-separated evaluation sets (built-in "
                              "names or files); the --learn set is evaluated on both halves instead"),
-    split: str = typer.Option("test", "--split", help="split of the evaluation sets"),
+    split: str = typer.Option("test", "--split", help="split of the evaluation sets (files without splits: all)"),
     limit: int = typer.Option(None, "--limit", help="evaluate at most N prompts per set and per half"),
     layers: str = typer.Option(None, "--layers", help="layers steered, one at a time, e.g. '12' or '8,12,16' or "
                                "'8:16' [default: the direction's layer, or the middle layer]"),

@@ -22,7 +22,7 @@ Precision policy (``--dtype auto``, :func:`resolve_dtype`):
   ``aten::bmm`` that copied the whole expanded vocabulary matrix), is folded into one matrix product at its source
   (:func:`fold_lm_head_input`).
 * CPU without them (AVX2 only): float32, because PyTorch emulates bfloat16 there and every pass is several times
-  slower (measured on two AVX2 cores: 77 vs 17 GFLOP/s for a matmul).
+  slower (measured on two AVX2 cores: every pass of `scripts/bench.py` 2.4-5.9x slower).
 * Anything else (MPS): float32.
 * ``$REFUSAL_TOOLKIT_AUTO_DTYPE`` (``float32``, ``bfloat16`` or ``float16``) overrides what ``auto`` resolves to,
   whatever the hardware: CI sets it to ``bfloat16`` to run the fast suite through the bfloat16 paths on CPUs without

@@ -98,7 +98,8 @@ class PromptSet:
         d = {"name": self.name, "source": self.source, "sha256": self.sha256, "split": self.split, "n": len(self)}
         if self.split_ignored:
             d["split_ignored"] = self.split_ignored
-            d["split_note"] = f"the file has no splits: all {len(self)} prompts were used for split {self.split_ignored!r}"
+            d["split_note"] = (f"the file has no splits: all {len(self)} prompts were used for split "
+                               f"{self.split_ignored!r}")
         return d
 
 
