@@ -11,6 +11,7 @@ dtype written, and saved atomically (a temporary sibling folder renamed into pla
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from .errors import ToolkitError
 from .interventions import orthogonalize_weights
-from .models import is_gguf_quantization, write_checkpoint
+from .models import DTYPES, strip_gguf_quantization, write_checkpoint
 
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -42,10 +43,7 @@ def stored_dtype(folder: Path) -> torch.dtype | None:
                 sl = f.get_slice(name)
                 dt = _FLOAT_DTYPES.get(sl.get_dtype())
                 if dt is not None:
-                    n = 1
-                    for s in sl.get_shape():
-                        n *= int(s)
-                    counts[dt] += n
+                    counts[dt] += math.prod(sl.get_shape())
     if counts:
         return counts.most_common(1)[0][0]
     try:
@@ -53,8 +51,7 @@ def stored_dtype(folder: Path) -> torch.dtype | None:
     except (OSError, ValueError):
         return None
     name = cfg.get("dtype") or cfg.get("torch_dtype")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float64": torch.float64}.get(str(name))
+    return {**DTYPES, "float64": torch.float64}.get(str(name))
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -118,9 +115,6 @@ def export_orthogonalized(source: Path, direction: torch.Tensor, dest: Path, *, 
     model.eval()
     info = orthogonalize_weights(model, direction)
     model.to(target)
-    for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()
-                }.values():
-        if is_gguf_quantization(getattr(cfg, "quantization_config", None)):
-            del cfg.quantization_config
+    strip_gguf_quantization(model.config)
     write_checkpoint(model, tok, dest)
     return {"stored_dtype": _dtype_name(stored), "saved_dtype": _dtype_name(target), **info}

@@ -333,6 +333,15 @@ def is_gguf_quantization(q) -> bool:
     return str(getattr(method, "value", method)).lower() == "gguf"
 
 
+def strip_gguf_quantization(config) -> None:
+    """Remove transformers' GGUF ``quantization_config`` from a model config (and its text config), in place: a
+    model whose GGUF weights were dequantized into plain tensors is not quantized, and transformers refuses
+    ``save_pretrained`` while the entry is there. Other quantization configs are left alone."""
+    for cfg in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        if is_gguf_quantization(getattr(cfg, "quantization_config", None)):
+            del cfg.quantization_config
+
+
 def repair_cache_config(folder: Path) -> bool:
     """Remove a stale GGUF ``quantization_config`` from a dequantized cache folder's ``config.json``.
 
@@ -411,8 +420,7 @@ def _dequantize_gguf_to_cache(gguf: Path, sha: str) -> Path:
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from config + state dict, without the
     # GGUF quantization_config (the weights are dequantized float32 tensors now).
     config = copy.deepcopy(gmodel.config)
-    if is_gguf_quantization(getattr(config, "quantization_config", None)):
-        del config.quantization_config
+    strip_gguf_quantization(config)
     with torch.device("meta"):
         rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(gmodel.state_dict(), assign=True, strict=False)
