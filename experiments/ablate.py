@@ -8,13 +8,13 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from toolkit.checkpoints import check_export_target, export_orthogonalized
+from toolkit.checkpoints import check_export_target, check_save_path, export_orthogonalized
 from toolkit.directions import load_direction
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import evaluate
 from toolkit.interventions import directional_ablation, orthogonalize_weights
 from toolkit.models import dtype_from_name
-from toolkit.prompts import load_prompt_set
+from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run, load_run
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, GenOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt,
@@ -60,12 +60,15 @@ def ablate(
     harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set"),
     split: str = typer.Option("test", "--split", help="split evaluated: train, val, test or all (files without "
                               "splits: all)"),
-    limit: int = typer.Option(None, "--limit", help="evaluate only the first N prompts of each set"),
+    limit: int = typer.Option(None, "--limit", min=1, help="evaluate only the first N prompts of each set"),
     gen_tokens: int = GenOpt,
     baseline: str = typer.Option(None, "--baseline", help="reuse the per-prompt baseline of a score run "
                                  "(same model, prompt files, split and --gen-tokens) instead of recomputing it"),
     save: Path = typer.Option(None, "--save", help="write a weight-orthogonalized Hugging Face checkpoint here "
                               "and evaluate it on the harmful set"),
+    replace_save: bool = typer.Option(False, "--replace-save", help="let --save replace an existing checkpoint "
+                                      "folder (never the --model folder, nor a folder without config.json); "
+                                      "--force replaces runs only"),
     save_dtype: str = typer.Option("auto", "--save-dtype", help="dtype of the --save checkpoint: auto (the source "
                                    "checkpoint's stored dtype, whatever --dtype computes in), float32, bfloat16, "
                                    "float16"),
@@ -83,13 +86,16 @@ def ablate(
     d, meta, dsource = resolve_direction(direction)
     H = load_prompt_set(harmful).select(split).head(limit)
     B = load_prompt_set(harmless).select(split).head(limit)
-    if save is not None and save.exists() and not force:
-        raise ToolkitError(f"{save} already exists; choose another --save folder or pass --force")
+    H, B = distinct_names([H, B])
+    if save is not None:
+        check_save_path(save, overwrite=replace_save, what="the --save checkpoint")
+        if model and Path(model).expanduser().is_dir():
+            check_export_target(Path(model).expanduser(), save, overwrite=replace_save)
     with Run("ablate", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         check_direction_matches(meta, d.shape[0], ses.lm)
         if save is not None:
-            check_export_target(Path(ses.lm.source), save, overwrite=force)
+            check_export_target(Path(ses.lm.source), save, overwrite=replace_save)
         r = ses.runner
         eh, eb = r.encode(H.prompts), r.encode(B.prompts)
         t0 = time.time()
@@ -117,7 +123,8 @@ def ablate(
             conds += [("orthogonalized", H, orth_h, kl_or_none(orth_h, base_h)),
                       ("orthogonalized", B, orth_b, orth_b.kl_from(base_b))]
             ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl_b.logits).abs().max())
-            ortho_info.update(export_orthogonalized(Path(ses.lm.source), d, save, dtype=saved_as, overwrite=force))
+            ortho_info.update(export_orthogonalized(Path(ses.lm.source), d, save, dtype=saved_as,
+                                                    overwrite=replace_save))
             run.time("orthogonalized", time.time() - t0)
         rows, summary = [], []
         for cond, ps, ev, kl in conds:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer.core import TyperGroup
 
 from .ablate import ablate
 from .compare import compare
@@ -17,8 +20,35 @@ from .score import score
 from .stats import stats_app
 from .steer import steer
 
+
+
+class RefusalGroup(TyperGroup):
+    """The top-level command group: Click's own usage errors (a value that is not an integer, a missing option, an
+    unknown option) are printed like the toolkit's, as one ``error:`` line with exit code 2, instead of a box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:  # Click's exceptions (Typer vendors Click; this is their public base)
+            if type(e).__name__ == "NoArgsIsHelpError":  # `refusal` or `refusal stats` alone: the help
+                e.show()
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            msg = " ".join((e.format_message() if hasattr(e, "format_message") else str(e)).split())
+            typer.echo(f"error: {msg}{hint}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="refusal",
+    cls=RefusalGroup,
     help="refusal-toolkit: measure refusals, extract refusal directions, ablate and steer with them, locate "
          "refusal (patching), analyse its geometry (cones, imprints, residual geometry and plots), compare runs.",
     no_args_is_help=True,
@@ -40,13 +70,10 @@ app.command("plot-residuals")(plot_residuals)
 
 
 def main() -> None:
-    """Console-script entry point. SIGTERM (e.g. ``kill``, a scheduler's time limit) exits like an error, so the
-    half-written run folder is removed as it is on Ctrl-C."""
-    import signal
-    import sys
+    """Console-script entry point (see :func:`experiments.entry.main`, which the ``refusal`` script calls)."""
+    from .entry import main as entry_main
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    app()
+    entry_main()
 
 
 if __name__ == "__main__":

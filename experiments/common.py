@@ -11,12 +11,20 @@ import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from toolkit.errors import ToolkitError
 from toolkit.stats import rate_summary
 
-console = Console(stderr=True)
-out = Console(width=None if sys.stdout.isatty() else 120)  # wide tables when piped
+# markup off: messages, table cells and titles carry user text (file names such as ``prompts[test].jsonl``, hints
+# such as ``[d_model]``) that Rich would otherwise read as markup; styles are applied with rich.text.Text.
+console = Console(stderr=True, markup=False)
+out = Console(width=None if sys.stdout.isatty() else 120, markup=False)  # wide tables when piped
+
+
+def styled(label: str, style: str, rest: str = "") -> Text:
+    """``label`` in ``style`` followed by plain ``rest`` (no markup is parsed in either)."""
+    return Text.assemble((label, style), rest)
 
 # ---------------------------------------------------------------------------------------------- options
 ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face id, local folder or .gguf file "
@@ -24,14 +32,40 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face id, local fold
 DtypeOpt = typer.Option("auto", "--dtype", help="compute dtype: auto (bfloat16 on CUDA and on CPUs with native "
                         "bfloat16, else float32; $REFUSAL_TOOLKIT_AUTO_DTYPE overrides it), float32, bfloat16, "
                         "float16. Statistics run in float32 or wider; run.json records the dtype")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps")
-BatchOpt = typer.Option(16, "--batch-size", "-b", help="prompts per forward pass")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps, xpu")
+BatchOpt = typer.Option(16, "--batch-size", "-b", min=1, help="prompts per forward pass")
 NameOpt = typer.Option(None, "--name", help="run name under runs/<command>/ [default: timestamp]")
 ForceOpt = typer.Option(False, "--force", help="replace an existing run of the same name")
-SeedOpt = typer.Option(0, "--seed", help="random seed (recorded; greedy decoding is deterministic)")
+SEED_MAX = 2**32 - 1  # the widest range every RNG used here (torch, numpy, scipy) accepts
+SeedOpt = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="random seed (recorded; greedy decoding is deterministic)")
 SystemOpt = typer.Option(None, "--system", help="system prompt [default: the chat template's own behaviour]")
-GenOpt = typer.Option(12, "--gen-tokens", help="greedy completion length judged by the refusal markers")
+GenOpt = typer.Option(12, "--gen-tokens", min=0, help="greedy completion length judged by the refusal markers")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars")
+
+
+def finite(*, gt: float | None = None, ge: float | None = None, le: float | None = None, lt: float | None = None):
+    """A Typer callback for a float option that must be finite (NaN and infinities are refused: a NaN threshold
+    compares false with everything and would silently disable a filter) and within the given bounds.
+
+    Raises:
+        typer.BadParameter: printed as one ``error:`` line with exit code 2, before any work.
+    """
+    import math
+
+    parts = [f"> {gt:g}" if gt is not None else "", f">= {ge:g}" if ge is not None else "",
+             f"< {lt:g}" if lt is not None else "", f"<= {le:g}" if le is not None else ""]
+    want = " and ".join(p for p in parts if p)
+
+    def check(value):
+        if value is None:
+            return value
+        ok = (math.isfinite(value) and (gt is None or value > gt) and (ge is None or value >= ge)
+              and (lt is None or value < lt) and (le is None or value <= le))
+        if not ok:
+            raise typer.BadParameter(f"must be a finite number{' ' + want if want else ''}, got {value:g}")
+        return value
+
+    return check
 
 
 def handle_errors(fn):
@@ -42,10 +76,11 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ToolkitError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(styled("error:", "bold red", " " + " ".join(str(e).split())), highlight=False,
+                          soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]")
+            console.print(styled("interrupted", "bold red"))
             raise typer.Exit(130) from None
 
     return wrapper
@@ -138,9 +173,29 @@ def print_summary(df: pd.DataFrame, title: str, extra_cols: tuple[str, ...] = ()
         kl = "-" if pd.isna(r.get("mean_kl")) else f"{r['mean_kl']:.3f}"
         score = "-" if pd.isna(r.get("mean_score")) else f"{r['mean_score']:.2f}"
         vals = [str(r[c]) for c in extra_cols] + [str(r["set"]), str(r["split"]), str(r["condition"]),
-                                                   str(int(r["n"])), rate, score, kl]
+                                                   "-" if pd.isna(r["n"]) else str(int(r["n"])), rate, score, kl]
         t.add_row(*vals)
     out.print(t)
+
+
+def parse_int_list(text: str, opt: str) -> list[int]:
+    """Parse ``'1,2,5'`` or ``'4:8'`` (half-open range, as Python's ``range``) into a list of ints.
+
+    Raises:
+        ToolkitError: not integers, or the list or range names nothing (``''``, ``'5:5'``, ``'3:1'``).
+    """
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            values = list(range(int(a), int(b)))
+        else:
+            values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ToolkitError(f"{opt} must be integers like '1,2,5' or '4:8', got {text!r}") from None
+    if not values:
+        raise ToolkitError(f"{opt} {text!r} names no {opt.lstrip('-').rstrip('s')} (a range a:b is half-open: "
+                           "it needs a < b)")
+    return values
 
 
 def parse_layers(spec: str | None) -> list[int] | None:
@@ -150,14 +205,9 @@ def parse_layers(spec: str | None) -> list[int] | None:
     Raises:
         ToolkitError: not integers, or no layer.
     """
-    from .extract import parse_int_list
-
     if spec is None:
         return None
-    layers = parse_int_list(spec, "--layers")
-    if not layers:
-        raise ToolkitError(f"--layers {spec!r} names no layer")
-    return layers
+    return parse_int_list(spec, "--layers")
 
 
 def layer_list(lm, spec: str | None, default: list[int] | None = None) -> list[int]:

@@ -11,12 +11,15 @@ from toolkit.runs import Run, load_run
 from .common import ForceOpt, NameOpt, console, handle_errors, print_summary
 
 
+COMPARABLE = ("score", "extract", "ablate")  # run kinds whose summary.csv has rows per set and condition
+
+
 @handle_errors
 def compare(
     runs: list[str] = typer.Argument(..., help="run folders (runs/<command>/<name>) to put side by side"),
     name: str = NameOpt, force: bool = ForceOpt,
 ):
-    """Put the summaries of several runs (score, extract, ablate) in one table: refusal rate with Wilson 95 %
+    """Put the summaries of several score, extract or ablate runs in one table: refusal rate with Wilson 95 %
     interval, mean refusal score and KL per set and condition.
 
     Writes runs/compare/NAME/comparison.csv and run.json.
@@ -24,10 +27,20 @@ def compare(
     frames, sources = [], []
     for spec in runs:
         folder, meta = load_run(spec)
+        if meta.get("command") not in COMPARABLE:
+            raise ToolkitError(f"{folder} is a '{meta.get('command')}' run; compare reads {', '.join(COMPARABLE)} "
+                               "runs (their summary.csv has one row per set and condition)")
         path = folder / "summary.csv"
         if not path.is_file():
             raise ToolkitError(f"run {folder} has no summary.csv to compare")
-        df = pd.read_csv(path)
+        try:
+            df = pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise ToolkitError(f"{path}: unreadable summary ({type(e).__name__})") from None
+        missing = [c for c in ("set", "split", "condition", "n") if c not in df.columns]
+        if missing or df.empty:
+            raise ToolkitError(f"{path}: not a summary table (missing column {missing[0]!r})" if missing
+                               else f"{path}: the summary has no rows")
         df.insert(0, "run", f"{meta['command']}/{meta['name']}")
         df.insert(1, "model", (meta.get("model") or {}).get("id"))
         frames.append(df)

@@ -19,7 +19,7 @@ from toolkit.geometry import (LINEAR_MAX_DIM, LINEAR_MIN_COS, POLY_MAX_COS, POLY
                               cone_distributions, cone_label, contrast_layers, kmeans_scan, percentile_interval,
                               permutation_p, polyhedral_share)
 from toolkit.hooks import SITES
-from toolkit.prompts import load_prompt_set
+from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 from toolkit.stats import mean_summary, rate_summary
 
@@ -49,7 +49,7 @@ def cones(
     harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set"),
     split: str = typer.Option("train", "--split", help="split the cones are computed on (files without splits: "
                               "all prompts)"),
-    max_per_category: int = typer.Option(None, "--max-per-category", help="use at most N prompts per category "
+    max_per_category: int = typer.Option(None, "--max-per-category", min=1, help="use at most N prompts per category "
                                          "(and N x categories harmless prompts)"),
     min_per_category: int = typer.Option(10, "--min-per-category", help="categories with fewer prompts are "
                                          "reported, not analysed"),
@@ -60,14 +60,14 @@ def cones(
     null: int = typer.Option(200, "--null", help="random splits of the harmful prompts into groups of the same "
                              "sizes (the null)"),
     kmeans: bool = typer.Option(True, "--kmeans/--no-kmeans", help="k-means of harmful residuals vs the labels"),
-    k_max: int = typer.Option(12, "--k-max", help="largest k tried by k-means"),
+    k_max: int = typer.Option(12, "--k-max", min=2, help="largest k tried by k-means"),
     report_layer: int = typer.Option(None, "--report-layer", help="layer of the per-category table and the "
                                      "ablation test [default: the best-separating layer below 80 % depth]"),
     ablate_test: bool = typer.Option(False, "--ablate-test", help="also ablate the single pooled direction, all "
                                      "category directions, and the single one plus random directions of the same "
                                      "total dimension, and score each category's held-out prompts"),
     eval_split: str = typer.Option("test", "--eval-split", help="split scored by the ablation test"),
-    eval_harmless: int = typer.Option(60, "--eval-harmless", help="harmless prompts scored by the ablation test "
+    eval_harmless: int = typer.Option(60, "--eval-harmless", min=0, help="harmless prompts scored by the ablation test "
                                       "(for the KL and the harmless score)"),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="write cones.png"),
     model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
@@ -94,6 +94,7 @@ def cones(
     parse_layers(layers)  # syntax, before the model is loaded
     H = load_prompt_set(harmful).select(split)
     G = load_prompt_set(harmless).select(split)
+    H, G = distinct_names([H, G])
     counts = pd.Series([r["category"] for r in H.records]).value_counts().sort_index()
     kept = [c for c, n in counts.items() if n >= min_per_category]
     excluded = {c: int(n) for c, n in counts.items() if n < min_per_category}
@@ -349,7 +350,7 @@ def print_cones(df: pd.DataFrame, cat: pd.DataFrame, rep: int, excluded: dict, k
                   f"{r.p_dim_above_null:.3f}" if pd.notna(r.p_dim_above_null) else "-",
                   f"{r.pooled_strength_rel:.3f}", f"{r[f'ari_k{k}']:.2f}" if f"ari_k{k}" in r and pd.notna(r[f"ari_k{k}"])
                   else "-", str(r.label))
-    wide = Console(width=max(out.width, 170), file=out.file)  # never wrap the figures
+    wide = Console(width=max(out.width, 170), file=out.file, markup=False)  # never wrap the figures
     wide.print(t)
     t = Table(title=f"categories at layer {rep}", title_justify="left")
     for c in ("category", "n", "strength [CI]", "rel.", "specificity [CI]", "null spec. 97.5%"):

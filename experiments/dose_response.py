@@ -11,7 +11,7 @@ import typer
 
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES, check_layer
-from toolkit.prompts import load_prompt_set
+from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 from toolkit.steering import SCALES, measure, parse_alphas, parse_positions, scale_value
 
@@ -33,9 +33,9 @@ def dose_response(
     harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set (refusal is wanted)"),
     benign: str = typer.Option("borderline", "--benign", help="benign prompt set (refusal is over-refusal)"),
     split: str = typer.Option("test", "--split", help="split of both sets (files without splits: all)"),
-    limit: int = typer.Option(None, "--limit", help="at most N prompts per set"),
-    gen_tokens: int = typer.Option(12, "--gen-tokens", help="greedy tokens generated and judged per prompt"),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the ED50 and TI-S intervals"),
+    limit: int = typer.Option(None, "--limit", min=2, help="at most N prompts per set"),
+    gen_tokens: int = typer.Option(12, "--gen-tokens", min=1, help="greedy tokens generated and judged per prompt"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=100, help="bootstrap resamples for the ED50 and TI-S intervals"),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="write dose_response.png"),
     model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
     system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
@@ -67,6 +67,7 @@ def dose_response(
         ps = load_prompt_set(spec)
         ps = ps.select(split).head(limit)
         sets.append((role, ps))
+    sets = list(zip([r for r, _ in sets], distinct_names([ps for _, ps in sets])))
     with Run("dose-response", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r, lm = ses.runner, ses.lm

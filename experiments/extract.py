@@ -11,13 +11,14 @@ from safetensors.torch import save_file
 
 from toolkit.directions import save_direction
 from toolkit.errors import ToolkitError
-from toolkit.prompts import load_prompt_set
+from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 from toolkit.selection import SelectionConfig, build_candidates, select_direction
 from toolkit.stats import rate_ci
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, open_session, out)
+                     console, finite, handle_errors, open_session, out, parse_int_list,
+                     parse_layers)
 
 
 @handle_errors
@@ -26,22 +27,22 @@ def extract(
                                 "without splits is used whole for both)"),
     harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set (train and val splits; a file "
                                  "without splits: whole)"),
-    n_train: int = typer.Option(None, "--n-train", help="use at most N training prompts per set"),
-    n_val: int = typer.Option(None, "--n-val", help="use at most N validation prompts per set"),
+    n_train: int = typer.Option(None, "--n-train", min=1, help="use at most N training prompts per set"),
+    n_val: int = typer.Option(None, "--n-val", min=1, help="use at most N validation prompts per set"),
     filter_by: str = typer.Option("judge", "--filter", help="training filter: judge (harmful prompts the model "
                                   "refuses by marker judge), score (refusal score > 0, Arditi), none"),
     select_by: str = typer.Option("judge", "--select-by", help="judge (marker judge on short completions "
                                   "among the best survivors) or score (lowest bypass score, Arditi)"),
-    screen_n: int = typer.Option(6, "--screen-n", help="refused harmful val prompts used to screen candidates"),
-    keep: int = typer.Option(3, "--keep", help="stop the full evaluation once this many candidates pass KL"),
-    max_full: int = typer.Option(12, "--max-full", help="most candidates given the full evaluation"),
-    judge_top: int = typer.Option(3, "--judge-top", help="survivors ranked by the marker judge"),
-    judge_tokens: int = typer.Option(12, "--judge-tokens", help="greedy tokens judged per completion"),
+    screen_n: int = typer.Option(6, "--screen-n", min=1, help="refused harmful val prompts used to screen candidates"),
+    keep: int = typer.Option(3, "--keep", min=1, help="stop the full evaluation once this many candidates pass KL"),
+    max_full: int = typer.Option(12, "--max-full", min=1, help="most candidates given the full evaluation"),
+    judge_top: int = typer.Option(3, "--judge-top", min=1, help="survivors ranked by the marker judge"),
+    judge_tokens: int = typer.Option(12, "--judge-tokens", min=1, help="greedy tokens judged per completion"),
     layers: str = typer.Option(None, "--layers", help="restrict candidates to these layers, e.g. '8,10,12' or '6:18'"),
     positions: str = typer.Option(None, "--positions", help="restrict candidates to these post-instruction "
                                   "positions, e.g. '-1,-2'"),
-    max_layer_frac: float = typer.Option(0.8, "--max-layer-frac", help="skip layers >= this fraction of depth"),
-    kl_max: float = typer.Option(0.15, "--kl-max", help="discard candidates with mean harmless KL above this "
+    max_layer_frac: float = typer.Option(0.8, "--max-layer-frac", callback=finite(gt=0, le=1), help="skip layers >= this fraction of depth"),
+    kl_max: float = typer.Option(0.15, "--kl-max", callback=finite(gt=0), help="discard candidates with mean harmless KL above this "
                                  "(nats; Arditi et al. use 0.1)"),
     induce_min: str = typer.Option("auto", "--induce-min", help="discard candidates with induce below this; "
                                    "'auto' = 0 (Arditi) relaxed to the harmless baseline score if nothing passes"),
@@ -63,7 +64,9 @@ def extract(
             cfg.induce_min = float(induce_min)
         except ValueError:
             raise ToolkitError(f"--induce-min must be a number or 'auto', got {induce_min!r}") from None
-    H, B = load_prompt_set(harmful), load_prompt_set(harmless)
+    lay = parse_layers(layers)
+    pos = parse_int_list(positions, "--positions") if positions is not None else None
+    H, B = distinct_names([load_prompt_set(harmful), load_prompt_set(harmless)])
     h_train, b_train = H.select("train").head(n_train), B.select("train").head(n_train)
     h_val, b_val = H.select("val").head(n_val), B.select("val").head(n_val)
     overlap = [ps.name for ps in (H, B) if not ps.has_splits]
@@ -74,8 +77,6 @@ def extract(
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r = ses.runner
         t0 = time.time()
-        lay = parse_int_list(layers, "--layers") if layers else None
-        pos = parse_int_list(positions, "--positions") if positions else None
         cands = build_candidates(r, r.encode(h_train.prompts), r.encode(b_train.prompts), ses.refusal_ids,
                                  filter_by=filter_by, judge_tokens=judge_tokens, layers=lay, positions=pos)
         run.time("candidates", time.time() - t0)
@@ -142,17 +143,3 @@ def extract(
     out.print(f"evaluated: {stages}")
     console.print(f"wrote {final}")
 
-
-def parse_int_list(text: str, opt: str) -> list[int]:
-    """Parse ``'1,2,5'`` or ``'4:8'`` (half-open range) into a list of ints.
-
-    Raises:
-        ToolkitError: not integers.
-    """
-    try:
-        if ":" in text:
-            a, b = text.split(":", 1)
-            return list(range(int(a), int(b)))
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ToolkitError(f"{opt} must be integers like '1,2,5' or '4:8', got {text!r}") from None

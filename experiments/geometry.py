@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from toolkit.errors import ToolkitError
 from toolkit.geometry import residual_geometry
 from toolkit.hooks import SITES
-from toolkit.prompts import load_prompt_set
+from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
@@ -31,7 +31,7 @@ def geometry(
     harmful: str = typer.Option("harmful", "--harmful", help="harmful ('bad') prompt set"),
     harmless: str = typer.Option("harmless", "--harmless", help="harmless ('good') prompt set"),
     split: str = typer.Option("train", "--split", help="split of both sets (files without splits: all prompts)"),
-    limit: int = typer.Option(None, "--limit", help="use at most N prompts per set"),
+    limit: int = typer.Option(None, "--limit", min=1, help="use at most N prompts per set"),
     layers: str = typer.Option(None, "--layers", help="layers, e.g. '12', '8,12,16' or '4:20' [default: all]"),
     site: str = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}"),
     position: int = typer.Option(-1, "--position", help="prompt position (negative index; -1 = last token, as "
@@ -52,6 +52,7 @@ def geometry(
     parse_layers(layers)  # syntax, before the model is loaded
     G = load_prompt_set(harmless).select(split).head(limit)
     B = load_prompt_set(harmful).select(split).head(limit)
+    G, B = distinct_names([G, B])
     if len(G) < 2 or len(B) < 2:
         raise ToolkitError(f"the geometry table needs at least two prompts per set (got {len(G)} and {len(B)})")
     with Run("geometry", name, force) as run:
@@ -107,4 +108,4 @@ def print_geometry(df: pd.DataFrame, site: str, position: int) -> None:
         t.add_row(str(int(r.layer)), *vals)
     from rich.console import Console
 
-    Console(width=max(out.width, 160), file=out.file).print(t)  # 14 columns: never squeeze the figures
+    Console(width=max(out.width, 160), file=out.file, markup=False).print(t)  # 14 columns: never squeeze the figures

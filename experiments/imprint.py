@@ -12,6 +12,7 @@ import torch
 import typer
 from rich.table import Table
 
+from toolkit.directions import read_tensors
 from toolkit.errors import ToolkitError
 from toolkit.geometry import IMPRINT_FIGURES, contrast_layers, imprint
 from toolkit.runs import Run, load_run
@@ -41,30 +42,21 @@ def load_directions(path: str, position: int | None = None) -> dict:
     Raises:
         ToolkitError: no such run, a run of another kind, a missing file, or an unknown position.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     folder, meta = load_run(path)
     cmd = meta.get("command")
     model = meta.get("model") or {}
     info = {"name": f"{cmd}/{folder.name}", "command": cmd, "model_id": model.get("id"),
             "model_hash": model.get("hash")}
     if cmd in ("cones", "geometry"):
-        f = folder / "directions.safetensors"
-        if not f.is_file():
-            raise ToolkitError(f"{folder}: no directions.safetensors")
-        t = load_file(str(f))
-        with safe_open(str(f), "pt") as fh:
-            m = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        t, m = read_tensors(folder / "directions.safetensors", ("directions", "layers", "resid_norm"),
+                            f"{cmd} run's directions file")
         info.update(directions=t["directions"].double(), layers=[int(x) for x in t["layers"]],
                     resid_norms=t["resid_norm"].double(), position=m.get("position"), site=m.get("site"))
         if position is not None and position != m.get("position"):
             raise ToolkitError(f"{folder} holds directions at position {m.get('position')} only, not {position}")
     elif cmd == "extract":
-        f = folder / "candidates.safetensors"
-        if not f.is_file():
-            raise ToolkitError(f"{folder}: no candidates.safetensors")
-        t = load_file(str(f))
+        t, _ = read_tensors(folder / "candidates.safetensors", ("directions", "layers", "positions"),
+                            "extract run's candidates file")
         positions = [int(x) for x in t["positions"]]
         pos = position if position is not None else (meta.get("results") or {}).get("chosen", {}).get("pos", -1)
         if pos not in positions:

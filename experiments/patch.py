@@ -17,7 +17,7 @@ from toolkit.runs import Run
 from toolkit.steering import parse_positions
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, layer_list, open_session, out, parse_layers, sweep_bar)
+                     console, handle_errors, layer_list, open_session, out, parse_layers, styled, sweep_bar)
 
 MAX_ROWS = 256  # rows per stacked forward pass (components x prompts of one base batch)
 UNSTABLE_GAP = 0.5  # score units: below this clean-corrupt gap normalised figures are unstable
@@ -49,9 +49,9 @@ def patch(
     harmless: str = typer.Option("harmless", "--harmless", help="corrupted prompts (answered): built-in set or file"),
     split: str = typer.Option("test", "--split", help="split of sets that have splits (files without: all)"),
     column: str = typer.Option(None, "--column", help="field/column holding the prompt in user files"),
-    pairs: int = typer.Option(10, "--pairs", help="at most N pairs (harmful prompts in file order); time grows "
+    pairs: int = typer.Option(10, "--pairs", min=1, help="at most N pairs (harmful prompts in file order); time grows "
                               "linearly with it: the full default sweep takes about 8 minutes on two CPU cores"),
-    max_len_diff: int = typer.Option(0, "--max-len-diff", help="pair prompts whose formatted token lengths differ by "
+    max_len_diff: int = typer.Option(0, "--max-len-diff", min=0, help="pair prompts whose formatted token lengths differ by "
                                      "at most this (0: exact match; positions count from the end of each prompt)"),
     layers: str = typer.Option(None, "--layers", help="layers patched (default: all), e.g. '12', '8,12,16' or "
                                "'8:16'"),
@@ -60,15 +60,15 @@ def patch(
     positions: str = typer.Option(None, "--positions", help="positions patched one at a time (default: the "
                                   "post-instruction positions and the last --last-k): negative indices like "
                                   "'-1,-3', post or last"),
-    last_k: int = typer.Option(8, "--last-k", help="default positions include the last K (-K..-1)"),
+    last_k: int = typer.Option(8, "--last-k", min=0, help="default positions include the last K (-K..-1)"),
     direction: str = typer.Option("both", "--direction", help="denoise (harmless run, harmful activation copied "
                                   "in), noise (the reverse) or both"),
     heads: bool = typer.Option(True, "--heads/--no-heads", help="also patch each attention (query) head's output z "
                                "(o_proj input) at every patched layer"),
     head_positions: str = typer.Option("post", "--head-positions", help="positions a head is patched at, all "
                                        "together: post, last or negative indices"),
-    top: int = typer.Option(10, "--top", help="components listed per direction"),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples of pairs for the 95 % intervals "
+    top: int = typer.Option(10, "--top", min=0, help="components listed per direction"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="bootstrap resamples of pairs for the 95 % intervals "
                                   "(0: none; seeded by --seed)"),
     model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
     system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
@@ -141,9 +141,9 @@ def patch(
         gap = float(res.clean.mean() - res.corrupt.mean())
         unstable = abs(gap) < UNSTABLE_GAP
         if unstable:
-            console.print(f"[yellow]warning:[/] the clean and corrupted mean refusal scores differ by only {gap:.2f}; "
-                          "normalised effects are unstable (use prompts the model treats more differently, or more "
-                          "pairs)", highlight=False)
+            console.print(styled("warning:", "yellow", f" the clean and corrupted mean refusal scores differ by only "
+                                 f"{gap:.2f}; normalised effects are unstable (use prompts the model treats more "
+                                 "differently, or more pairs)"), highlight=False)
         pairs_df = pd.DataFrame([{
             "pair": i, "harmful_id": hset.ids[p.harmful], "harmless_id": bset.ids[p.harmless],
             "harmful_len": p.harmful_len, "harmless_len": p.harmless_len, "len_diff": p.harmful_len - p.harmless_len,

@@ -15,11 +15,11 @@ from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
 from toolkit.projection import (METHODS, PACMAP_NEIGHBORS, check_colors, check_method, default_colors, draw_frames,
                                 min_points, project_layers, write_gif)
-from toolkit.prompts import load_prompt_set
+from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt, console,
-                     handle_errors, layer_list, open_session, out, parse_layers, residuals)
+                     finite, handle_errors, layer_list, open_session, out, parse_layers, residuals)
 
 
 def _split_list(text: str | None) -> list[str]:
@@ -35,17 +35,17 @@ def plot_residuals(
     colors: str = typer.Option(None, "--colors", help="comma-separated matplotlib colours, one per set, e.g. "
                                "'tab:blue,#c44e52' (default: seaborn deep: blue, red, green, ...)"),
     split: str = typer.Option("train", "--split", help="train, val, test or all (files without splits: all)"),
-    limit: int = typer.Option(None, "--limit", help="at most N prompts per set"),
+    limit: int = typer.Option(None, "--limit", min=1, help="at most N prompts per set"),
     layers: str = typer.Option(None, "--layers", help="layers, e.g. '12' or '4,8,12' or '0:24' (half-open) "
                                "(default: every layer)"),
     site: str = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}"),
     position: int = typer.Option(-1, "--position", help="prompt position read, a negative index from the end "
                                  "(-1: the last prompt token, as Heretic reads residuals)"),
     method: str = typer.Option("pacmap", "--method", help=f"projection: {' or '.join(METHODS)} (fast)"),
-    neighbors: int = typer.Option(PACMAP_NEIGHBORS, "--neighbors", help="PaCMAP near neighbours (lowered "
+    neighbors: int = typer.Option(PACMAP_NEIGHBORS, "--neighbors", min=1, help="PaCMAP near neighbours (lowered "
                                   "automatically for few points)"),
     gif: bool = typer.Option(True, "--gif/--no-gif", help="also join the layers' pictures into residuals.gif"),
-    fps: float = typer.Option(2.0, "--fps", help="GIF frames (layers) per second"),
+    fps: float = typer.Option(2.0, "--fps", callback=finite(gt=0), help="GIF frames (layers) per second"),
     model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
     system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
 ):
@@ -83,6 +83,7 @@ def plot_residuals(
     for s in set_specs:
         ps = load_prompt_set(s)
         loaded.append(ps.select(split).head(limit))
+    loaded = distinct_names(loaded)
     label_list = label_list or [ps.name for ps in loaded]
     if len(set(label_list)) != len(label_list):
         raise ToolkitError(f"labels must differ between sets, got {', '.join(label_list)} (give --labels)")

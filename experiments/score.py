@@ -9,7 +9,7 @@ import typer
 
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import evaluate
-from toolkit.prompts import load_prompt_set
+from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, GenOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt,
@@ -22,7 +22,7 @@ def score(
                                      "(.jsonl/.json/.csv/.tsv/.txt) [default: harmful harmless]"),
     split: str = typer.Option("test", "--split", help="train, val, test or all (files without splits: all)"),
     column: str = typer.Option(None, "--column", help="field/column holding the prompt in user files"),
-    limit: int = typer.Option(None, "--limit", help="score only the first N prompts of each set"),
+    limit: int = typer.Option(None, "--limit", min=1, help="score only the first N prompts of each set"),
     gen_tokens: int = GenOpt,
     model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
     system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
@@ -37,6 +37,7 @@ def score(
     for s in sets:
         ps = load_prompt_set(s, column)
         loaded.append(ps.select(split).head(limit))
+    loaded = distinct_names(loaded)
     if gen_tokens < 0:
         raise ToolkitError("--gen-tokens must be >= 0")
     with Run("score", name, force) as run:

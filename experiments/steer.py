@@ -13,15 +13,14 @@ import typer
 from toolkit.directions import save_direction
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES, check_layer
-from toolkit.prompts import PromptSet, load_prompt_set
+from toolkit.prompts import PromptSet, distinct_names, load_prompt_set
 from toolkit.runs import Run
 from toolkit.steering import (SCALES, dial_direction, hash_split, measure, monotone_range, parse_alphas,
                               parse_positions, random_directions, scale_value)
 
 from .ablate import check_direction_matches, resolve_direction
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, open_session, out, sweep_bar)
-from .extract import parse_int_list
+                     console, finite, handle_errors, open_session, out, parse_layers, sweep_bar)
 
 SiteOpt = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}")
 PositionsOpt = typer.Option("post", "--positions", help="where to add: post (post-instruction tokens of the "
@@ -48,22 +47,22 @@ def steer(
                               "vs bottom-k prompts of one hash-split half by baseline refusal score"),
     learn_split: str = typer.Option("all", "--learn-split", help="split of the --learn set that is hash-split "
                                     "into training and holdout halves"),
-    top_k: int = typer.Option(30, "--top-k", help="prompts on each side of the Refusal Dial contrast"),
-    holdout_frac: float = typer.Option(0.5, "--holdout-frac", help="share of the --learn set held out"),
+    top_k: int = typer.Option(30, "--top-k", min=1, help="prompts on each side of the Refusal Dial contrast"),
+    holdout_frac: float = typer.Option(0.5, "--holdout-frac", callback=finite(gt=0, lt=1), help="share of the --learn set held out"),
     sets: str = typer.Option("harmful,borderline", "--sets", help="comma-separated evaluation sets (built-in "
                              "names or files); the --learn set is evaluated on both halves instead"),
     split: str = typer.Option("test", "--split", help="split of the evaluation sets (files without splits: all)"),
-    limit: int = typer.Option(None, "--limit", help="evaluate at most N prompts per set and per half"),
+    limit: int = typer.Option(None, "--limit", min=1, help="evaluate at most N prompts per set and per half"),
     layers: str = typer.Option(None, "--layers", help="layers steered, one at a time, e.g. '12' or '8,12,16' or "
                                "'8:16' [default: the direction's layer, or the middle layer]"),
     site: str = SiteOpt,
     positions: str = PositionsOpt,
     alpha: str = typer.Option("-4:4:1", "--alpha", help="alpha grid: start:stop:step (inclusive) or a list"),
     scale: str = ScaleOpt,
-    random: int = typer.Option(0, "--random", help="random unit Gaussian control directions (seeded)"),
-    orthogonal: int = typer.Option(None, "--orthogonal", help="random control directions orthogonal to the "
+    random: int = typer.Option(0, "--random", min=0, help="random unit Gaussian control directions (seeded)"),
+    orthogonal: int = typer.Option(None, "--orthogonal", min=0, help="random control directions orthogonal to the "
                                    "steered one [default: as many as --random]"),
-    gen_tokens: int = typer.Option(0, "--gen-tokens", help="also generate this many greedy tokens per prompt and "
+    gen_tokens: int = typer.Option(0, "--gen-tokens", min=0, help="also generate this many greedy tokens per prompt and "
                                    "judge refusal, degeneration and coherence (slow: one generation per point)"),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="write steer.png"),
     model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
@@ -86,7 +85,7 @@ def steer(
     orthogonal = random if orthogonal is None else orthogonal
     if random < 0 or orthogonal < 0 or gen_tokens < 0 or (limit is not None and limit < 1):
         raise ToolkitError("--random, --orthogonal and --gen-tokens must be >= 0 and --limit >= 1")
-    layer_list = parse_int_list(layers, "--layers") if layers else None
+    layer_list = parse_layers(layers)
     units: list[Unit] = []
     learn_ps = train_ps = None
     if learn is not None:
@@ -103,11 +102,13 @@ def steer(
         units += [Unit(train_ps.head(limit), "train"), Unit(hold_ps.head(limit), "holdout")]
     for s in [x.strip() for x in sets.split(",") if x.strip()]:
         ps = load_prompt_set(s)
-        if learn_ps is not None and ps.name == learn_ps.name:
+        if learn_ps is not None and (ps.source, ps.sha256) == (learn_ps.source, learn_ps.sha256):
             continue
         units.append(Unit(ps.select(split).head(limit), "all"))
     if not units:
         raise ToolkitError("nothing to evaluate: give --sets")
+    for u, ps in zip(units, distinct_names([u.ps for u in units])):
+        u.ps = ps
     dvec = dmeta = dsource = None
     if direction is not None:
         dvec, dmeta, dsource = resolve_direction(direction)
@@ -131,6 +132,10 @@ def steer(
             allp += u.ps.prompts
             off += len(u.ps)
         enc = r.encode(allp)
+        shortest = min(map(len, enc.ids))
+        if pos is not None and -min(pos) > shortest:
+            raise ToolkitError(f"--positions {min(pos)} is beyond the shortest evaluated prompt ({shortest} tokens, "
+                               f"so -{shortest} is its first token)")
 
         # baseline: one pass, reading the residual at the steered layers (post-instruction positions)
         t0 = time.time()
@@ -184,7 +189,7 @@ def steer(
         # context cache: steering at the last k prompt positions from layer L on changes only those tokens'
         # computation from block L on; everything else is computed once here
         ctx = None
-        if pos is not None and gen_tokens == 0:
+        if pos is not None and gen_tokens == 0 and -min(pos) < shortest:  # a cache needs one token before the window
             t0 = time.time()
             ctx = r.context(enc, -min(pos), desc="context", start_layer=min(layer_list))
             run.time("context", time.time() - t0)

@@ -340,7 +340,8 @@ def test_ablate_save_refuses_the_model_folder_and_a_bad_dtype(pipeline, env):
     common = ["ablate", "--direction", pipeline["runs"] / "extract" / "ex", "--harmful", pipeline["h"], "--harmless",
               pipeline["b"], "--model", pipeline["model"], *FAST, "--limit", "2"]
     before = sorted(p.name for p in pipeline["model"].iterdir())
-    assert_usage_error(invoke(common + ["--save", pipeline["model"], "--force"]), "over the source checkpoint")
+    assert_usage_error(invoke(common + ["--save", pipeline["model"], "--force", "--replace-save"]),
+                       "over the source checkpoint")
     assert sorted(p.name for p in pipeline["model"].iterdir()) == before
     assert_usage_error(invoke(common + ["--save", env.parent / "x", "--save-dtype", "int4"]), "--save-dtype", "int4")
     assert not (env.parent / "x").exists() and entries(env / "ablate") == set()

@@ -149,8 +149,12 @@ def test_export_refuses_the_source_and_existing_folders(tmp_path):
     with pytest.raises(ToolkitError, match="over the source checkpoint"):
         check_export_target(src, tmp_path, overwrite=True)
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("the user's")
     with pytest.raises(ToolkitError, match="already exists"):
         export_orthogonalized(src, d, tmp_path / "taken")
+    with pytest.raises(ToolkitError, match="not a checkpoint folder"):  # the flag never deletes a non-checkpoint
+        export_orthogonalized(src, d, tmp_path / "taken", overwrite=True)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "the user's"
     with pytest.raises(ToolkitError, match="not a checkpoint folder"):
         check_export_target(tmp_path / "nothing", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "taken"]  # nothing half-written

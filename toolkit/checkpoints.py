@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -58,9 +59,36 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
+def check_save_path(dest: Path, *, overwrite: bool = False, what: str = "the checkpoint") -> None:
+    """Refuse a folder to write a checkpoint to, before any work: ``dest`` must be absent, an empty folder, or (with
+    ``overwrite``) a Hugging Face checkpoint folder (``config.json``), and its nearest existing ancestor a writable
+    folder. Any other existing folder or file is never replaced, whatever ``overwrite`` says.
+
+    Raises:
+        ToolkitError: ``dest`` is a file, a non-empty folder (without ``overwrite``, or one that is not a checkpoint),
+            or lies below a file or in a folder that cannot be written.
+    """
+    dest = Path(dest)
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise ToolkitError(f"cannot write {what} to {dest}: it exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()):
+        if not overwrite:
+            raise ToolkitError(f"{dest} already exists and is not empty; choose another folder")
+        if not (dest / "config.json").is_file():
+            raise ToolkitError(f"{dest} is not a checkpoint folder (no config.json); refusing to replace it")
+    anc = dest.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ToolkitError(f"cannot write {what} to {dest}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ToolkitError(f"cannot write {what} to {dest}: folder {anc} is not writable")
+
+
 def check_export_target(source: Path, dest: Path, *, overwrite: bool = False) -> None:
-    """Refuse an export before any work is done: ``source`` must be a checkpoint folder, and ``dest`` neither the
-    source, nor inside it, nor an existing path (unless ``overwrite``).
+    """Refuse an export before any work is done: ``source`` must be a checkpoint folder, ``dest`` neither the
+    source, nor inside it, nor containing it, and writable by :func:`check_save_path` (an existing non-empty ``dest``
+    only with ``overwrite``, and only if it is a checkpoint folder).
 
     Raises:
         ToolkitError: one of those.
@@ -71,8 +99,7 @@ def check_export_target(source: Path, dest: Path, *, overwrite: bool = False) ->
     src, dst = source.resolve(), dest.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise ToolkitError(f"refusing to write the exported checkpoint over the source checkpoint {source}")
-    if dest.exists() and not overwrite:
-        raise ToolkitError(f"{dest} already exists; choose another folder")
+    check_save_path(dest, overwrite=overwrite, what="the exported checkpoint")
 
 
 def export_orthogonalized(source: Path, direction: torch.Tensor, dest: Path, *, dtype: torch.dtype | None = None,
@@ -90,14 +117,15 @@ def export_orthogonalized(source: Path, direction: torch.Tensor, dest: Path, *, 
         direction: ``[d_model]``, any norm.
         dest: the folder to create.
         dtype: the dtype written, or None for the stored dtype.
-        overwrite: replace an existing ``dest`` (never ``source`` itself).
+        overwrite: replace an existing checkpoint folder ``dest`` (never ``source`` itself, nor a folder that is
+            not a checkpoint).
 
     Returns:
         ``{"stored_dtype", "saved_dtype", "edited", "untied_lm_head", "exact_equivalent"}`` (dtype names).
 
     Raises:
-        ToolkitError: ``source`` is not a checkpoint folder, ``dest`` is ``source`` or exists without
-            ``overwrite``, the direction does not fit the model, or transformers cannot load or save it.
+        ToolkitError: ``source`` is not a checkpoint folder, ``dest`` is ``source`` or refused by
+            :func:`check_export_target`, the direction does not fit the model, or transformers cannot load or save it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -48,23 +48,52 @@ def save_direction(path: Path, direction: torch.Tensor, meta: dict) -> None:
               metadata={"meta": json.dumps(meta, sort_keys=True)})
 
 
+def read_tensors(path: Path, keys: tuple[str, ...], what: str = "tensor file") -> tuple[dict, dict]:
+    """Read a safetensors file and its ``meta`` metadata (a JSON object) -> (``{name: tensor}``, metadata dict).
+
+    Args:
+        path: the ``.safetensors`` file.
+        keys: tensor names that must be present.
+        what: what the file is, for messages (e.g. ``"direction file"``).
+
+    Raises:
+        ToolkitError: missing, truncated or otherwise unreadable file; metadata that is not a JSON object; a
+            required tensor missing.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"no {what} at {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("meta", "{}")
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise ToolkitError(f"cannot read {what} {path} (truncated or not a safetensors file: "
+                           f"{type(e).__name__})") from None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ToolkitError(f"{what} {path}: its 'meta' metadata is not a JSON object")
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise ToolkitError(f"{what} {path} has no tensor {missing[0]!r} (it holds {', '.join(sorted(tensors))})")
+    return tensors, meta
+
+
 def load_direction(path: Path) -> tuple[torch.Tensor, dict]:
     """Read a direction file written by :func:`save_direction` -> (``[d_model]`` float32, metadata).
 
     Raises:
-        ToolkitError: missing or unreadable file.
+        ToolkitError: missing, truncated or unreadable file, metadata that is not a JSON object, no ``direction``
+            tensor, or one that is not ``[d_model]``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ToolkitError(f"no direction file at {path}")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        t = load_file(str(path))["direction"]
-    except Exception as e:
-        raise ToolkitError(f"cannot read direction file {path}: {type(e).__name__}") from None
+    tensors, meta = read_tensors(path, ("direction",), "direction file")
+    t = tensors["direction"]
     if t.ndim != 1:
         raise ToolkitError(f"direction in {path} has shape {tuple(t.shape)}, expected [d_model]")
-    return t, meta
+    return t.float(), meta

@@ -99,6 +99,7 @@ def file_sha256(path: Path, *, use_cache: bool = True) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     if use_cache:
+        memo = {k: v for k, v in memo.items() if Path(k.rsplit("|", 2)[0]).exists()}  # forget vanished files
         memo[key] = digest
         with contextlib.suppress(OSError):
             memo_path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,10 +205,11 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available, else mps, else cpu; anything else as given.
+    """``auto`` -> cuda if available, else mps, else cpu; otherwise ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``xpu``
+    if this machine has it (``meta`` and other torch device types cannot run a model and are refused).
 
     Raises:
-        ToolkitError: the device name is unknown or not available.
+        ToolkitError: the device name is unknown or not available here.
     """
     if device == "auto":
         if torch.cuda.is_available():
@@ -217,10 +219,23 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ToolkitError(f"unknown device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ToolkitError(f"device {device!r} asked for but CUDA is not available")
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ToolkitError(f"unknown device {device!r}; choose auto, cpu, cuda, cuda:N, mps or xpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ToolkitError(f"device {device!r} asked for but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ToolkitError(f"device {device!r} asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ToolkitError(f"device {device!r} asked for but MPS (Apple GPU) is not available")
+    elif dev.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not xpu.is_available():
+            raise ToolkitError(f"device {device!r} asked for but no Intel XPU is available")
     return dev
 
 
@@ -272,7 +287,8 @@ class LoadedModel:
         model: the ``transformers`` causal LM, in eval mode.
         tokenizer: its tokenizer (left padding).
         model_id: what the user asked for (hub id, folder, GGUF path, or ``default``).
-        model_hash: SHA-256 of the GGUF file, or of the checkpoint's config and weight index for folders.
+        model_hash: SHA-256 of the GGUF file (the default model: of the assembled GGUF), or for folders and hub
+            snapshots a SHA-256 over config.json and every weight file's content (:func:`_folder_hash`).
         source: resolved local path the weights were read from.
         dtype, device: where and how it runs.
     """
@@ -312,14 +328,27 @@ class LoadedModel:
         }
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
 def _folder_hash(folder: Path) -> str:
-    """Cheap, stable identity of a checkpoint folder: SHA-256 of config.json plus weight file names and sizes."""
-    h = hashlib.sha256()
+    """Identity of a checkpoint folder (local or a hub snapshot) by content: SHA-256 over ``config.json``'s bytes
+    and the name and SHA-256 of every weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.gguf``).
+
+    Two checkpoints with one config but different weights (a model and its fine-tune or its abliterated copy) get
+    different hashes. Each file's digest is computed once and memoised by (path, size, mtime)
+    (:func:`file_sha256`), so a folder is read in full only the first time it is seen.
+
+    Raises:
+        ToolkitError: a weight file vanished while being hashed.
+    """
+    h = hashlib.sha256(b"refusal-toolkit folder hash v2\n")
     cfg = folder / "config.json"
     if cfg.is_file():
-        h.update(cfg.read_bytes())
-    for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        h.update(f"{p.name}:{p.stat().st_size}".encode())
+        h.update(hashlib.sha256(cfg.read_bytes()).hexdigest().encode())
+    files = sorted({p for pat in WEIGHT_PATTERNS for p in folder.glob(pat) if p.is_file()})
+    for p in files:
+        h.update(f"\n{p.name}:{file_sha256(p)}".encode())
     return h.hexdigest()
 
 

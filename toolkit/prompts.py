@@ -117,6 +117,35 @@ def _record(obj: dict, line: int, where: str, column: str | None, idx: int, stem
             "category": str(obj.get("category") or "none"), "split": split}
 
 
+def distinct_names(sets: list[PromptSet]) -> list[PromptSet]:
+    """The sets with names that tell different sources apart: sets from different files that share a name (the file
+    stem, e.g. ``in/h.jsonl`` and ``in/other/h.jsonl``) are renamed by their paths below the files' common folder,
+    with ``__`` for ``/`` (``h`` and ``other__h``; with the file suffix if only that differs), so their rows in a run's tables cannot be confused. Sets of one
+    source keep their name; names that are already distinct are unchanged.
+
+    Returns:
+        A list of the same length and order (renamed sets are copies).
+    """
+    import dataclasses
+
+    by_name: dict[str, set[str]] = {}
+    for ps in sets:
+        by_name.setdefault(ps.name, set()).add(ps.source)
+    clash = {n for n, srcs in by_name.items() if len(srcs) > 1}
+    if not clash:
+        return list(sets)
+    renamed = {}
+    for n in clash:
+        paths = {s: Path(s).resolve() for s in by_name[n]}
+        base = Path(os.path.commonpath([str(p.parent) for p in paths.values()]))
+        names = {s: "__".join(p.relative_to(base).with_suffix("").parts) for s, p in paths.items()}
+        if len(set(names.values())) < len(names):  # in/h.jsonl and in/h.csv: keep the suffixes
+            names = {s: "__".join(p.relative_to(base).parts) for s, p in paths.items()}
+        for s, new in names.items():
+            renamed[(n, s)] = new
+    return [dataclasses.replace(ps, name=renamed[(ps.name, ps.source)]) if ps.name in clash else ps for ps in sets]
+
+
 def load_prompt_set(spec: str, column: str | None = None) -> PromptSet:
     """Load a prompt set.
 

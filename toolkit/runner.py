@@ -259,6 +259,9 @@ class Runner:
         from .hooks import decoder_layers
 
         blocks = decoder_layers(self.model)
+        if any(len(x) < k + 1 for x in enc.ids):
+            raise ToolkitError(f"a context cache of the last {k} tokens needs prompts of at least {k + 1} tokens; "
+                               f"the shortest has {min(map(len, enc.ids))}")
         work = self._ensure_depth(enc, k + 1)
         parts, tuple_out = [], [False]
 

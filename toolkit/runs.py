@@ -1,23 +1,28 @@
 """The run store: every command writes ``runs/<command>/<name>/`` atomically, with ``run.json`` provenance.
 
 A run is built in a hidden temporary folder beside its final place and renamed into place only when complete,
-so a failure never leaves a partial run. An existing run is replaced only with ``force=True``.
+so a failure never leaves a partial run. An existing run is replaced only with ``force=True``; two commands given
+one name cannot both publish (the second fails at start), and default names carry a random suffix.
 
 ``run.json`` holds: ``schema_version``, ``command``, ``argv``, ``name``, ``created``, ``model`` (id, hash,
 dtype, ...), ``prompt_sets`` (name, source, sha256, split, n), ``seed``, ``versions`` (python, torch,
-transformers, refusal-toolkit), ``git_commit``, ``timings`` (seconds), ``params`` and ``results``.
+transformers, refusal-toolkit), ``git_commit``, ``timings`` (seconds), ``params`` and ``results``. It is strict JSON:
+a value that is not a finite number (NaN, an infinity; e.g. an undefined interval) is written as ``null``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import platform
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,37 +61,139 @@ def versions() -> dict:
             "refusal-toolkit": __version__}
 
 
+NAME_MAX_BYTES = 200  # a run name's limit in UTF-8 bytes: the file system's 255 less the temporary-folder affixes
+STALE_AFTER_S = 24 * 3600  # a temporary run folder whose owner cannot be checked counts as abandoned after this
+OWNER_FILE = ".refusal-run-owner.json"
+
+
 def default_name() -> str:
-    """A timestamp name such as ``20261121-204500``."""
-    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    """A timestamp name with a random suffix, such as ``20261121-204500-3f9c``, unique even for commands that start
+    in the same second."""
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def check_name(name: str) -> str:
+    """A run name as given, if it is a plain folder name of at most :data:`NAME_MAX_BYTES` UTF-8 bytes.
+
+    Raises:
+        ToolkitError: empty, a path (``/``, ``\\``), hidden (leading ``.``), a control character, or too long.
+    """
+    if (not name or "/" in name or "\\" in name or name.startswith(".") or not name.isprintable()):
+        raise ToolkitError(f"bad run name {name!r}: use a plain folder name")
+    if len(name.encode()) > NAME_MAX_BYTES:
+        raise ToolkitError(f"run name of {len(name.encode())} bytes is too long (at most {NAME_MAX_BYTES})")
+    return name
+
+
+def to_strict_json(obj):
+    """``obj`` with every non-finite float (NaN, +-Infinity) replaced by None and numpy scalars by Python ones, so
+    that ``json.dumps(..., allow_nan=False)`` succeeds and strict parsers can read the result."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None
+    if isinstance(obj, dict):
+        return {k: to_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_strict_json(v) for v in obj]
+    if np is not None and isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _owner_alive(folder: Path) -> bool:
+    """Whether the process that owns a temporary run folder may still be running (see :data:`OWNER_FILE`)."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        host, pid = owner["host"], int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = None
+    if owner is not None and host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:  # another machine's run (shared file system) or no owner file: judged by age
+        return time.time() - folder.stat().st_mtime < STALE_AFTER_S
+    except OSError:
+        return False
+
+
+def clean_stale(parent: Path) -> list[Path]:
+    """Remove the abandoned temporary run folders (``.NAME.tmp*``, ``.NAME.old-*``) under a command's folder: those
+    whose owning process on this machine is gone (a SIGKILL, a power cut), and ownerless or other machines' ones
+    older than :data:`STALE_AFTER_S`.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for p in parent.iterdir():
+        if p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name) and p.is_dir() and not _owner_alive(p):
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+    return removed
 
 
 class Run:
     """A run being written. Use as a context manager; call :meth:`finish` to publish it.
 
+    The run is written in a hidden temporary folder ``runs/<command>/.NAME.tmp`` beside its final place, created
+    exclusively (so a second command started with the same name fails at once, naming the first one's process)
+    with the user's umask, and renamed into place by :meth:`finish`. An existing run is never replaced unless
+    ``force`` is true, also when it appeared while this one was running. On failure nothing is left: the temporary
+    folder and any runs folders this run created are removed. Abandoned temporary folders of killed commands are
+    cleaned at the next start (:func:`clean_stale`).
+
     Args:
         command: subcommand name (folder under ``runs/``).
-        name: run name; default a timestamp.
+        name: run name (:func:`check_name`); default :func:`default_name`.
         force: replace an existing run of that name.
         root: runs folder (default :func:`runs_root`).
 
     Raises:
-        ToolkitError: the run exists and ``force`` is false, or the name is not a plain folder name.
+        ToolkitError: the run exists and ``force`` is false; another process is writing a run of that name; a bad
+            name; the runs folder is a file or cannot be written.
     """
 
     def __init__(self, command: str, name: str | None = None, force: bool = False, root: Path | None = None):
-        name = name or default_name()
-        if not name or "/" in name or name.startswith(".") or name in ("..",):
-            raise ToolkitError(f"bad run name {name!r}: use a plain folder name")
+        name = check_name(name) if name is not None else default_name()
         self.command, self.name, self.force = command, name, force
-        self.final = (root or runs_root()) / command / name
+        root = Path(root) if root is not None else runs_root()
+        self.final = root / command / name
         if self.final.exists() and not force:
             raise ToolkitError(f"run {self.final} already exists; choose another --name or pass --force")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{name}.tmp-"))
+        self._created: list[Path] = []
+        for d in (root, root / command):
+            if d.exists() and not d.is_dir():
+                raise ToolkitError(f"runs folder {d} is a file, not a folder (see $REFUSAL_RUNS)")
+        try:
+            for d in reversed([self.final.parent, *self.final.parent.parents]):
+                if not d.exists():
+                    d.mkdir()
+                    self._created.append(d)
+            clean_stale(self.final.parent)
+            self.dir = self.final.parent / f".{name}.tmp"
+            try:
+                self.dir.mkdir()
+            except FileExistsError:
+                raise ToolkitError(f"run {self.final} is being written by another process ({_owner_text(self.dir)}); "
+                                   "choose another --name") from None
+            (self.dir / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                           "started": time.time()}))
+        except OSError as e:
+            self._remove_created()
+            raise ToolkitError(f"cannot write runs under {root}: {e.strerror or e}") from None
         self.t0 = time.time()
         self.timings: dict[str, float] = {}
-        self.meta: dict = {}
         self.done = False
 
     def __enter__(self) -> Run:
@@ -95,7 +202,13 @@ class Run:
     def __exit__(self, exc_type, exc, tb):
         if not self.done:
             shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove_created()
         return False
+
+    def _remove_created(self) -> None:
+        for d in reversed(self._created):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if still empty
 
     def path(self, name: str) -> Path:
         """Path of a file inside the (temporary) run folder."""
@@ -108,9 +221,9 @@ class Run:
         return p
 
     def write_json(self, name: str, obj) -> Path:
-        """Write JSON inside the run."""
+        """Write strict JSON inside the run: NaN and infinities become ``null`` (:func:`to_strict_json`)."""
         p = self.path(name)
-        p.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        p.write_text(json.dumps(to_strict_json(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
         return p
 
     def time(self, key: str, seconds: float) -> None:
@@ -119,10 +232,13 @@ class Run:
 
     def finish(self, *, model: dict | None, prompt_sets: list[dict], seed: int | None, params: dict,
                results: dict) -> Path:
-        """Write ``run.json`` and move the run into place (replacing an old one only if forced).
+        """Write ``run.json`` and move the run into place; an existing run is replaced only if ``force``.
 
         Returns:
             The final run folder.
+
+        Raises:
+            ToolkitError: a run of this name appeared meanwhile and ``force`` is false, or the rename failed.
         """
         self.timings["total"] = round(time.time() - self.t0, 3)
         doc = {
@@ -141,15 +257,30 @@ class Run:
             "results": results,
         }
         self.write_json("run.json", doc)
+        (self.dir / OWNER_FILE).unlink(missing_ok=True)
         old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.dir, self.final)
+        try:
+            if self.final.exists() or self.final.is_symlink():
+                if not self.force:
+                    raise ToolkitError(f"run {self.final} was created by another command while this one ran; "
+                                       "nothing was replaced (use another --name, or --force to replace it)")
+                old = self.final.with_name(f".{self.name}.old-{os.getpid()}")
+                os.replace(self.final, old)
+            os.rename(self.dir, self.final)  # fails on an existing non-empty folder: no silent replacement
+        except OSError as e:
+            raise ToolkitError(f"cannot publish run {self.final}: {e.strerror or e}") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.done = True
         return self.final
+
+
+def _owner_text(folder: Path) -> str:
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        return f"pid {owner['pid']} on {owner['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "owner unknown"
 
 
 def _json_default(o):

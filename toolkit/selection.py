@@ -27,6 +27,7 @@ On two CPU cores that is hours for a 24-layer model, so the search here is stage
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -74,6 +75,8 @@ class SelectionConfig:
         """Raises ToolkitError for out-of-range settings."""
         if self.select_by not in ("judge", "score"):
             raise ToolkitError(f"select-by must be 'judge' or 'score', got {self.select_by!r}")
+        if not (math.isfinite(self.kl_max) and self.kl_max > 0):
+            raise ToolkitError(f"kl_max must be a finite number of nats > 0, got {self.kl_max}")
         if not 0 < self.max_layer_frac <= 1:
             raise ToolkitError("max layer fraction must be in (0, 1]")
         if min(self.screen_n, self.keep, self.max_full, self.judge_top, self.judge_tokens) < 1:
