@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import typer
 
@@ -186,14 +187,26 @@ def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit):
         raise ToolkitError(f"baseline run {folder} used split {params.get('split')}, --gen-tokens "
                            f"{params.get('gen_tokens')}, --limit {params.get('limit')}; this run uses {split}, "
                            f"{gen_tokens}, {limit}")
-    sets = {p["name"]: p for p in meta.get("prompt_sets", [])}
-    if ps.name not in sets or sets[ps.name]["sha256"] != ps.sha256:
+    sets = {p.get("name"): p for p in meta.get("prompt_sets", [])}
+    if ps.name not in sets or sets[ps.name].get("sha256") != ps.sha256:
         raise ToolkitError(f"baseline run {folder} has no scores for prompt set {ps.name} with this file's hash")
-    df = pd.read_csv(folder / "scores.csv", keep_default_na=False)
-    df = df[df["set"] == ps.name].set_index("id")
+    path = folder / "scores.csv"
+    try:
+        df = pd.read_csv(path, keep_default_na=False, dtype={"id": str, "set": str})
+    except FileNotFoundError:
+        raise ToolkitError(f"baseline run {folder} has no scores.csv") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ToolkitError(f"{path}: unreadable scores table ({type(e).__name__})") from None
+    lacking = [c for c in ("set", "id", "score", "refusal", "completion") if c not in df.columns]
+    if lacking:
+        raise ToolkitError(f"{path}: not a score run's table (no column {lacking[0]!r})")
+    df = df[df["set"] == ps.name].drop_duplicates("id").set_index("id")
     missing = [i for i in ps.ids if i not in df.index]
     if missing:
         raise ToolkitError(f"baseline run {folder} lacks prompt {missing[0]} of {ps.name}")
     df = df.loc[ps.ids]
     refusals = df["refusal"].map(lambda v: str(v) == "True").to_numpy()
-    return Evaluation(None, df["score"].astype(float).to_numpy(), df["completion"].astype(str).tolist(), refusals)
+    scores = pd.to_numeric(df["score"], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(scores).all():
+        raise ToolkitError(f"{path}: a score of {ps.name} is missing or not a number")
+    return Evaluation(None, scores, df["completion"].astype(str).tolist(), refusals)

@@ -41,7 +41,13 @@ def compare(
         if missing or df.empty:
             raise ToolkitError(f"{path}: not a summary table (missing column {missing[0]!r})" if missing
                                else f"{path}: the summary has no rows")
-        df.insert(0, "run", f"{meta['command']}/{meta['name']}")
+        for col in ("n", "refusals", "refusal_rate", "ci_low", "ci_high", "mean_score", "mean_kl"):
+            if col in df.columns:
+                try:
+                    df[col] = pd.to_numeric(df[col])
+                except (ValueError, TypeError):
+                    raise ToolkitError(f"{path}: column {col!r} holds values that are not numbers") from None
+        df.insert(0, "run", f"{meta['command']}/{meta.get('name', folder.name)}")
         df.insert(1, "model", (meta.get("model") or {}).get("id"))
         frames.append(df)
         sources.append({"run": str(folder), "command": meta["command"], "model": meta.get("model"),

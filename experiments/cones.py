@@ -100,7 +100,8 @@ def cones(
     excluded = {c: int(n) for c, n in counts.items() if n < min_per_category}
     if len(kept) < 2:
         raise ToolkitError(f"cones need at least two categories with >= {min_per_category} prompts; "
-                           f"{H.name} ({H.split or 'all'}) has {dict(counts)}")
+                           f"{H.name} ({H.split or 'all'}) has "
+                           + ", ".join(f"{c}: {int(n)}" for c, n in counts.items()))
     keep_idx, seen = [], {c: 0 for c in kept}
     for i, r in enumerate(H.records):
         c = r["category"]

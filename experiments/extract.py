@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pandas as pd
@@ -64,6 +65,8 @@ def extract(
             cfg.induce_min = float(induce_min)
         except ValueError:
             raise ToolkitError(f"--induce-min must be a number or 'auto', got {induce_min!r}") from None
+        if not math.isfinite(cfg.induce_min):
+            raise ToolkitError(f"--induce-min must be a finite number or 'auto', got {induce_min!r}")
     lay = parse_layers(layers)
     pos = parse_int_list(positions, "--positions") if positions is not None else None
     H, B = distinct_names([load_prompt_set(harmful), load_prompt_set(harmless)])

@@ -50,6 +50,7 @@ def load_directions(path: str, position: int | None = None) -> dict:
     if cmd in ("cones", "geometry"):
         t, m = read_tensors(folder / "directions.safetensors", ("directions", "layers", "resid_norm"),
                             f"{cmd} run's directions file")
+        _check_shapes(folder / "directions.safetensors", t["directions"], t["layers"], t["resid_norm"])
         info.update(directions=t["directions"].double(), layers=[int(x) for x in t["layers"]],
                     resid_norms=t["resid_norm"].double(), position=m.get("position"), site=m.get("site"))
         if position is not None and position != m.get("position"):
@@ -57,6 +58,10 @@ def load_directions(path: str, position: int | None = None) -> dict:
     elif cmd == "extract":
         t, _ = read_tensors(folder / "candidates.safetensors", ("directions", "layers", "positions"),
                             "extract run's candidates file")
+        if t["directions"].ndim != 3 or t["positions"].ndim != 1 or t["directions"].shape[1] != len(t["positions"]):
+            raise ToolkitError(f"{folder}: candidates.safetensors has directions {tuple(t['directions'].shape)} for "
+                               f"{len(t['positions'])} positions")
+        _check_shapes(folder / "candidates.safetensors", t["directions"][:, 0], t["layers"], None)
         positions = [int(x) for x in t["positions"]]
         pos = position if position is not None else (meta.get("results") or {}).get("chosen", {}).get("pos", -1)
         if pos not in positions:
@@ -69,21 +74,38 @@ def load_directions(path: str, position: int | None = None) -> dict:
     return info
 
 
+def _check_shapes(where, directions, layers, resid_norm) -> None:
+    """``directions [L, d]``, ``layers [L]`` and ``resid_norm [L]`` (or None) of one run must agree and be finite.
+
+    Raises:
+        ToolkitError: they do not.
+    """
+    n = directions.shape[0] if directions.ndim == 2 else -1
+    if n < 0 or layers.ndim != 1 or len(layers) != n or (resid_norm is not None and tuple(resid_norm.shape) != (n,)):
+        raise ToolkitError(f"{where} holds directions {tuple(directions.shape)} for "
+                           f"{tuple(layers.shape)} layers; expected [n_layers, d_model] and [n_layers]")
+    if not bool(torch.isfinite(directions).all()):
+        raise ToolkitError(f"{where} holds direction values that are not finite")
+
+
 def classify(figures: dict, templates: dict) -> dict:
     """Softmax over methods of the Gaussian log-likelihood ``-sum_f (x_f - mu_f)^2 / (2 sd_f^2)`` of the figures
     under each method's template (an UNVALIDATED heuristic; see :data:`TEMPLATES`).
 
     Raises:
-        ToolkitError: a template figure missing from ``figures`` or a non-positive spread.
+        ToolkitError: no template, a template figure missing from ``figures``, or a mean or spread that is not a
+            finite number (spreads must be > 0).
     """
+    if not templates:
+        raise ToolkitError("no method templates to classify with")
     logl = {}
     for method, tpl in templates.items():
         s = 0.0
         for f, (mu, sd) in tpl.items():
             if f not in figures or figures[f] is None or not math.isfinite(figures[f]):
                 raise ToolkitError(f"template {method!r} uses figure {f!r}, which this run lacks")
-            if sd <= 0:
-                raise ToolkitError(f"template {method!r}: spread of {f!r} must be > 0")
+            if not (math.isfinite(sd) and sd > 0 and math.isfinite(mu)):
+                raise ToolkitError(f"template {method!r}: mean and spread of {f!r} must be finite and the spread > 0")
             s -= (figures[f] - mu) ** 2 / (2 * sd * sd)
         logl[method] = s
     m = max(logl.values())
@@ -96,9 +118,16 @@ def _templates(path: Path | None) -> dict:
         return TEMPLATES
     try:
         data = json.loads(Path(path).read_text())
-        return {m: {f: (float(v[0]), float(v[1])) for f, v in tpl.items()} for m, tpl in data.items()}
+        tpls = {m: {f: (float(v[0]), float(v[1])) for f, v in tpl.items()} for m, tpl in data.items()}
     except (OSError, ValueError, TypeError, IndexError, AttributeError) as e:
         raise ToolkitError(f"--templates {path}: expected JSON {{method: {{figure: [mean, sd]}}}} ({e})") from None
+    if not tpls or not all(tpls.values()):
+        raise ToolkitError(f"--templates {path}: no method, or a method without figures")
+    for m, tpl in tpls.items():
+        for f, (mu, sd) in tpl.items():
+            if not (math.isfinite(mu) and math.isfinite(sd) and sd > 0):
+                raise ToolkitError(f"--templates {path}: {m!r} {f!r}: mean and spread must be finite, the spread > 0")
+    return tpls
 
 
 @handle_errors

@@ -84,16 +84,40 @@ def read_tensors(path: Path, keys: tuple[str, ...], what: str = "tensor file") -
     return tensors, meta
 
 
+# metadata keys of a direction file that commands read, with their types (None allowed: "not recorded")
+DIRECTION_META = {"model_hash": str, "model_id": str, "d_model": int, "layer": int, "pos": int, "site": str,
+                  "norm": float}
+
+
+def check_direction_meta(meta: dict, where) -> dict:
+    """The metadata of a direction file, checked: each key of :data:`DIRECTION_META` that is present is None or of
+    its type (an int is accepted for a float).
+
+    Raises:
+        ToolkitError: naming the file and the first key of the wrong type.
+    """
+    for key, typ in DIRECTION_META.items():
+        v = meta.get(key)
+        ok = v is None or (isinstance(v, typ) and not isinstance(v, bool)) or (typ is float and isinstance(v, int)
+                                                                              and not isinstance(v, bool))
+        if not ok:
+            raise ToolkitError(f"direction file {where}: metadata {key!r} should be {typ.__name__}, got {v!r}")
+    return meta
+
+
 def load_direction(path: Path) -> tuple[torch.Tensor, dict]:
     """Read a direction file written by :func:`save_direction` -> (``[d_model]`` float32, metadata).
 
     Raises:
-        ToolkitError: missing, truncated or unreadable file, metadata that is not a JSON object, no ``direction``
-            tensor, or one that is not ``[d_model]``.
+        ToolkitError: missing, truncated or unreadable file, metadata that is not a JSON object or has a known key
+            of the wrong type (:func:`check_direction_meta`), no ``direction`` tensor, or one that is not a finite
+            ``[d_model]`` float vector.
     """
     path = Path(path)
     tensors, meta = read_tensors(path, ("direction",), "direction file")
     t = tensors["direction"]
     if t.ndim != 1:
         raise ToolkitError(f"direction in {path} has shape {tuple(t.shape)}, expected [d_model]")
-    return t.float(), meta
+    if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+        raise ToolkitError(f"direction in {path} is not a finite floating-point vector")
+    return t.float(), check_direction_meta(meta, path)

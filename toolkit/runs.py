@@ -296,6 +296,33 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# the fields of run.json that readers rely on, with their types (None allowed where a command has none)
+_RUN_FIELDS = {"schema_version": (int,), "command": (str,), "name": (str,), "model": (dict, type(None)),
+               "prompt_sets": (list,), "params": (dict,), "results": (dict,)}
+
+
+def check_run_doc(meta, where) -> None:
+    """Check the shape of a parsed ``run.json``: an object whose fields of :data:`_RUN_FIELDS` have their types
+    (``schema_version`` and ``command`` required; the others may be absent); a model record with a text hash.
+
+    Raises:
+        ToolkitError: naming the file and the first field of the wrong type.
+    """
+    if not isinstance(meta, dict):
+        raise ToolkitError(f"{where}: malformed run.json (a JSON object is expected, got {type(meta).__name__})")
+    for key in ("schema_version", "command"):
+        if key not in meta:
+            raise ToolkitError(f"{where}: malformed run.json (no {key!r})")
+    for key, types in _RUN_FIELDS.items():
+        if key in meta and (not isinstance(meta[key], types) or isinstance(meta[key], bool)):
+            raise ToolkitError(f"{where}: malformed run.json ({key!r} is a {type(meta[key]).__name__})")
+    model = meta.get("model") or {}
+    if not isinstance(model.get("hash", ""), (str, type(None))):
+        raise ToolkitError(f"{where}: malformed run.json (model hash is not text)")
+    if not all(isinstance(p, dict) for p in meta.get("prompt_sets", [])):
+        raise ToolkitError(f"{where}: malformed run.json (a prompt set record is not an object)")
+
+
 def load_run(path: str | Path, command: str | None = None) -> tuple[Path, dict]:
     """Open a finished run folder (or its ``run.json``) -> (folder, parsed run.json).
 
@@ -304,7 +331,8 @@ def load_run(path: str | Path, command: str | None = None) -> tuple[Path, dict]:
         command: expected command; checked against the run.
 
     Raises:
-        ToolkitError: no such run, unreadable run.json, schema too new, or a run of another command.
+        ToolkitError: no such run, unreadable or malformed run.json (:func:`check_run_doc`), schema too new, or a
+            run of another command.
     """
     p = Path(path)
     if p.name == "run.json":
@@ -315,10 +343,15 @@ def load_run(path: str | Path, command: str | None = None) -> tuple[Path, dict]:
     if not meta_path.is_file():
         raise ToolkitError(f"no run at {path} (expected a folder with run.json)")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ToolkitError(f"{meta_path}: malformed run.json (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise ToolkitError(f"{meta_path}: malformed run.json ({e.msg})") from None
-    if meta.get("schema_version", 0) > SCHEMA_VERSION:
+    except OSError as e:
+        raise ToolkitError(f"{meta_path}: cannot read run.json ({e.strerror or e})") from None
+    check_run_doc(meta, meta_path)
+    if meta["schema_version"] > SCHEMA_VERSION:
         raise ToolkitError(f"{meta_path}: schema version {meta.get('schema_version')} is newer than this toolkit's")
     if command and meta.get("command") != command:
         raise ToolkitError(f"{path} is a '{meta.get('command')}' run, expected a '{command}' run")
