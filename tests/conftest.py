@@ -146,6 +146,24 @@ def runs(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """Per-test runs folder ($REFUSAL_RUNS) and working directory; returns the runs folder."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("REFUSAL_RUNS", str(runs))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.chdir(tmp_path)
+    return runs
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A per-test toolkit cache folder ($REFUSAL_TOOLKIT_CACHE: assembled models, file hashes)."""
+    c = tmp_path / "cache"
+    monkeypatch.setenv("REFUSAL_TOOLKIT_CACHE", str(c))
+    return c
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module: tiny models on a busy two-core machine run much faster on one."""

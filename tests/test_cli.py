@@ -122,16 +122,6 @@ def assert_usage_error(result, *needles: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    """Per-test runs folder ($REFUSAL_RUNS) and working directory; returns the runs folder."""
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("REFUSAL_RUNS", str(runs))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.chdir(tmp_path)
-    return runs
-
-
-@pytest.fixture
 def sets(tmp_path):
     """(harmful file, harmless file) with train/val/test splits."""
     return (write_set(tmp_path / "h.jsonl", HARMFUL, "h"), write_set(tmp_path / "b.jsonl", HARMLESS, "b"))

@@ -148,13 +148,6 @@ def test_select_of_a_file_without_splits_keeps_every_prompt_and_says_so(tmp_path
 
 
 # ------------------------------------------------------------------------------------------------ models
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    c = tmp_path / "cache"
-    monkeypatch.setenv("REFUSAL_TOOLKIT_CACHE", str(c))
-    return c
-
-
 def test_default_parts_missing_package(monkeypatch, cache):
     monkeypatch.setattr(models, "DEFAULT_PARTS", [("no-such-dist-rt1", "no_such_module_rt1", "part01.bin"),
                                                   ("no-such-dist-rt2", "no_such_module_rt2", "part02.bin")])

@@ -56,22 +56,6 @@ def files(tmp_path_factory):
     return {"base": base, "model": model, "h": h, "b": b, "direction": direction}
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("REFUSAL_TOOLKIT_CACHE", str(folder))
-    return folder
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("REFUSAL_RUNS", str(runs))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.chdir(tmp_path)
-    return runs
-
-
 # ------------------------------------------------------------------------ 1. identity from the weights' content
 def test_1_checkpoints_with_one_config_and_equal_sizes_have_different_hashes(tmp_path, cache):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -142,10 +126,22 @@ def test_2_finish_refuses_a_run_that_appeared_meanwhile_unless_forced(tmp_path):
     assert json.loads((got / "run.json").read_text())["results"] == {"v": 2}
 
 
-def test_2_default_names_are_unique_within_one_second():
-    names = {default_name() for _ in range(200)}
-    assert len(names) == 200
-    assert all(len(n.split("-")) == 3 and len(n.split("-")[2]) == 4 for n in names)
+def test_2_default_names_are_unique_within_one_second(tmp_path, monkeypatch):
+    """20 names in one second: distinct unless two 24-bit suffixes meet (probability 1.1e-5). And when names do
+    meet, the second command fails at start instead of replacing the first (d503d01: timestamps only, 3 of 6
+    same-second starts collided and the later run won)."""
+    names = {default_name() for _ in range(20)}
+    assert len(names) == 20
+    assert all(len(n.split("-")) == 3 and len(n.split("-")[2]) == 6 for n in names)
+    import toolkit.runs
+
+    monkeypatch.setattr(toolkit.runs, "default_name", lambda: "20261202-000000-abcdef")
+    with Run("score", root=tmp_path) as first:
+        with pytest.raises(ToolkitError, match="being written by another process"):
+            Run("score", root=tmp_path)
+        finish(first)
+    with pytest.raises(ToolkitError, match="already exists"):
+        Run("score", root=tmp_path)
 
 
 def test_2_two_commands_started_together_with_one_name_cannot_both_succeed(files, env):

@@ -67,9 +67,10 @@ OWNER_FILE = ".refusal-run-owner.json"
 
 
 def default_name() -> str:
-    """A timestamp name with a random suffix, such as ``20261121-204500-3f9c``, unique even for commands that start
-    in the same second."""
-    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    """A timestamp name with a random 24-bit suffix, such as ``20261121-204500-3f9c0a``: two commands started in the
+    same second get one name with probability 2^-24, and then the second fails at start (:class:`Run`), never
+    silently."""
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
 def check_name(name: str) -> str:
