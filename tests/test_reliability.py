@@ -479,3 +479,16 @@ def test_16_run_folders_follow_the_umask(tmp_path):
     assert (final / "run.json").stat().st_mode & 0o777 == 0o644
     folder, meta = load_run(final, "score")
     assert folder == final and meta["name"] == "m"
+
+
+def test_16_saved_checkpoints_follow_the_umask(tmp_path):
+    from toolkit.models import write_checkpoint
+
+    lm = make_lm("qwen2")
+    old = os.umask(0o027)
+    try:
+        write_checkpoint(lm.model, lm.tokenizer, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o750  # d503d01: 0o700 from mkdtemp
+    assert (tmp_path / "ckpt" / "config.json").stat().st_mode & 0o777 == 0o640

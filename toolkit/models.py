@@ -107,8 +107,16 @@ def file_sha256(path: Path, *, use_cache: bool = True) -> str:
     return digest
 
 
+def _umask() -> int:
+    """The process's file-mode creation mask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -476,6 +484,7 @@ def write_checkpoint(model, tokenizer, dest: Path, *, extra: dict[str, str] | No
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the checkpoint from colleagues; follow the umask
     try:
         try:
             model.save_pretrained(str(tmp), safe_serialization=True)
