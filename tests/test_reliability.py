@@ -248,6 +248,18 @@ def test_6_unwritable_runs_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", deny)  # root ignores chmod; a read-only file system behaves like this
     with pytest.raises(ToolkitError, match="cannot write runs under .*Permission denied"):
         Run("score", "x", root=root)
+    monkeypatch.undo()
+    full = Path.write_text
+
+    def disk_full(self, *a, **k):
+        if self.name == OWNER_FILE:
+            raise OSError(28, "No space left on device")
+        return full(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(ToolkitError, match="No space left"):
+        Run("score", "x", root=root)
+    assert not root.exists()  # neither the temporary folder nor the runs folders it made
 
 
 def test_6_long_names_and_save_below_a_file(files, env, tmp_path):

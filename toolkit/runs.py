@@ -173,6 +173,8 @@ class Run:
         if self.final.exists() and not force:
             raise ToolkitError(f"run {self.final} already exists; choose another --name or pass --force")
         self._created: list[Path] = []
+        self.dir = self.final.parent / f".{name}.tmp"
+        mine = False
         for d in (root, root / command):
             if d.exists() and not d.is_dir():
                 raise ToolkitError(f"runs folder {d} is a file, not a folder (see $REFUSAL_RUNS)")
@@ -182,15 +184,17 @@ class Run:
                     d.mkdir()
                     self._created.append(d)
             clean_stale(self.final.parent)
-            self.dir = self.final.parent / f".{name}.tmp"
             try:
                 self.dir.mkdir()
+                mine = True
             except FileExistsError:
                 raise ToolkitError(f"run {self.final} is being written by another process ({_owner_text(self.dir)}); "
                                    "choose another --name") from None
             (self.dir / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                            "started": time.time()}))
         except OSError as e:
+            if mine:
+                shutil.rmtree(self.dir, ignore_errors=True)
             self._remove_created()
             raise ToolkitError(f"cannot write runs under {root}: {e.strerror or e}") from None
         self.t0 = time.time()
