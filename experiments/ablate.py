@@ -16,7 +16,7 @@ from toolkit.evaluation import evaluate
 from toolkit.interventions import directional_ablation, orthogonalize_weights
 from toolkit.models import dtype_from_name
 from toolkit.prompts import distinct_names, load_prompt_set
-from toolkit.runs import Run, load_run
+from toolkit.runs import Run, load_run, read_run_table
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, GenOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt,
                      SystemOpt, console, handle_errors, open_session, print_summary, summary_row)
@@ -191,12 +191,9 @@ def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit):
     if ps.name not in sets or sets[ps.name].get("sha256") != ps.sha256:
         raise ToolkitError(f"baseline run {folder} has no scores for prompt set {ps.name} with this file's hash")
     path = folder / "scores.csv"
-    try:
-        df = pd.read_csv(path, keep_default_na=False, dtype={"id": str, "set": str})
-    except FileNotFoundError:
-        raise ToolkitError(f"baseline run {folder} has no scores.csv") from None
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ToolkitError(f"{path}: unreadable scores table ({type(e).__name__})") from None
+    if not path.is_file():
+        raise ToolkitError(f"baseline run {folder} has no scores.csv")
+    df = read_run_table(path, "scores table")
     lacking = [c for c in ("set", "id", "score", "refusal", "completion") if c not in df.columns]
     if lacking:
         raise ToolkitError(f"{path}: not a score run's table (no column {lacking[0]!r})")
@@ -209,4 +206,4 @@ def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit):
     scores = pd.to_numeric(df["score"], errors="coerce").to_numpy(dtype=float)
     if not np.isfinite(scores).all():
         raise ToolkitError(f"{path}: a score of {ps.name} is missing or not a number")
-    return Evaluation(None, scores, df["completion"].astype(str).tolist(), refusals)
+    return Evaluation(None, scores, df["completion"].fillna("").astype(str).tolist(), refusals)

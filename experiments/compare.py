@@ -6,7 +6,7 @@ import pandas as pd
 import typer
 
 from toolkit.errors import ToolkitError
-from toolkit.runs import Run, load_run
+from toolkit.runs import Run, load_run, read_run_table
 
 from .common import ForceOpt, NameOpt, console, handle_errors, print_summary
 
@@ -33,10 +33,7 @@ def compare(
         path = folder / "summary.csv"
         if not path.is_file():
             raise ToolkitError(f"run {folder} has no summary.csv to compare")
-        try:
-            df = pd.read_csv(path)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise ToolkitError(f"{path}: unreadable summary ({type(e).__name__})") from None
+        df = read_run_table(path, "summary")
         missing = [c for c in ("set", "split", "condition", "n") if c not in df.columns]
         if missing or df.empty:
             raise ToolkitError(f"{path}: not a summary table (missing column {missing[0]!r})" if missing

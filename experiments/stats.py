@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolkit.errors import ToolkitError
-from toolkit.runs import Run, load_run
+from toolkit.runs import TEXT_COLUMNS, Run, load_run, read_run_table
 from toolkit.stats import (CORRECTIONS, adjust_pvalues, aggregate_seeds, as_float, mcnemar_exact, normalize_key,
                            paired_ttest, random_control, welch_ttest)
 
@@ -34,34 +34,11 @@ stats_app = typer.Typer(
 # Per-prompt columns that are measurements, not design factors (never suggested as --where filters).
 MEASURES = ("score", "refusal", "kl", "completion", "degenerate", "coherence")
 # Columns read as text whatever they hold (ids such as "007" or "NA" stay as written).
-TEXT_COLUMNS = ("set", "id", "category", "split", "condition", "kind", "site", "positions", "part", "role")
 CorrectionOpt = typer.Option("holm", "--correction", help="multiple-comparison correction: holm (family-wise), "
                              "bh (Benjamini-Hochberg false discovery rate) or none")
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a run's CSV: only empty cells are missing ("NA", "None" stay text), identifier-like columns
-    (:data:`TEXT_COLUMNS`) are text, and columns of True/False with gaps become pandas' nullable boolean.
-
-    Raises:
-        ToolkitError: the file cannot be parsed.
-    """
-    try:
-        head = pd.read_csv(path, nrows=0)
-        dtype = {c: str for c in head.columns if c in TEXT_COLUMNS}
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dtype)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ToolkitError(f"{path}: unreadable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
-    for c in df.columns:
-        if df[c].dtype == object:
-            vals = df[c].dropna()
-            if len(vals) and vals.map(lambda v: isinstance(v, (bool, np.bool_))).all():
-                df[c] = df[c].astype("boolean")
-    return df
-
-
 def prompt_table(folder: Path) -> tuple[pd.DataFrame, str]:
     """A run's per-prompt table: ``results.csv`` if present, else ``scores.csv`` -> (table, file name).
 
@@ -70,7 +47,7 @@ def prompt_table(folder: Path) -> tuple[pd.DataFrame, str]:
     """
     for fname in ("results.csv", "scores.csv"):
         if (folder / fname).is_file():
-            return read_table(folder / fname), fname
+            return read_run_table(folder / fname), fname
     raise ToolkitError(f"run {folder} has no per-prompt table (results.csv or scores.csv)")
 
 
@@ -204,7 +181,7 @@ def seeds(
     for folder, _ in loaded:
         if not (folder / file).is_file():
             raise ToolkitError(f"run {folder} has no {file}")
-        frames.append(read_table(folder / file))
+        frames.append(read_run_table(folder / file))
     key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
     if key_list is not None:
         missing = [k for k in key_list if k not in frames[0].columns]
@@ -473,7 +450,7 @@ def control(
     path = folder / "results.csv"
     if not path.is_file():
         raise ToolkitError(f"steer run {folder} has no results.csv")
-    df = read_table(path)
+    df = read_run_table(path)
     need = ["kind", "direction_index", "layer", "set", "part", "alpha", metric]
     missing = [c for c in need if c not in df.columns]
     if missing:

@@ -288,6 +288,42 @@ def _owner_text(folder: Path) -> str:
         return "owner unknown"
 
 
+# columns of a run's CSVs that hold identifiers: always read as text ("001" stays "001", "NA" stays "NA")
+TEXT_COLUMNS = ("set", "id", "category", "split", "condition", "kind", "site", "positions", "part", "role")
+
+
+def read_run_table(path: Path, what: str = "CSV"):
+    """Read a run's CSV as a pandas DataFrame: only empty cells are missing ("NA", "None" stay text), identifier
+    columns (:data:`TEXT_COLUMNS`) are text, and columns of True/False with gaps become pandas' nullable boolean.
+
+    Args:
+        path: the CSV file.
+        what: what the file is, for messages (e.g. ``"summary"``).
+
+    Raises:
+        ToolkitError: the file is missing or cannot be parsed (empty, malformed, not UTF-8).
+    """
+    import numpy as np
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"no {what} at {path}")
+    try:
+        head = pd.read_csv(path, nrows=0)
+        dtype = {c: str for c in head.columns if c in TEXT_COLUMNS}
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dtype)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ToolkitError(f"{path}: unreadable {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    for c in df.columns:
+        if df[c].dtype == object:
+            vals = df[c].dropna()
+            if len(vals) and vals.map(lambda v: isinstance(v, (bool, np.bool_))).all():
+                df[c] = df[c].astype("boolean")
+    return df
+
+
 def _json_default(o):
     try:
         import numpy as np
