@@ -141,9 +141,7 @@ def steer(
         t0 = time.time()
         coh_ctx = r.context(enc, 1, desc="prompt cache") if gen_tokens > 0 else None
         with r.capture(len(allp), layer_list, [site], post) as acts:
-            base = measure(r, enc, ses.refusal_ids, gen_tokens, coherence=False, desc="baseline")
-        if gen_tokens > 0:  # after the capture, whose hooks would also record this pass
-            base["coherence"] = r.continuation_logprob(enc, base["tokens"], context=coh_ctx)
+            base = measure(r, enc, ses.refusal_ids, gen_tokens, coherence_context=coh_ctx, desc="baseline")
         a = acts[site]  # [n, n_layers, n_post, d]
         resid_norm = {l: float(a[:, li].norm(dim=-1).double().mean()) for li, l in enumerate(layer_list)}
         run.time("baseline", time.time() - t0)

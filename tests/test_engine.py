@@ -16,7 +16,7 @@ import torch
 from conftest import PROMPTS, TEMPLATES, make_lm
 from toolkit.directions import diff_in_means
 from toolkit.errors import ToolkitError
-from toolkit.hooks import PHASE, SITES, add_hook, decoder_layers, has_post_norms, hooked
+from toolkit.hooks import SITES, add_hook, current_pass, decoder_layers, has_post_norms, hooked
 from toolkit.interventions import activation_addition, directional_ablation, orthogonalize_weights
 from toolkit.runner import Runner
 from toolkit.scoring import is_refusal, kl_divergence, refusal_score, refusal_token_ids
@@ -330,7 +330,7 @@ def test_z_hook_is_o_proj_input_and_per_spec_write(tiny):
     seen = {}
 
     def grab(name):
-        def fn(x):
+        def fn(x, ctx):
             seen[name] = x.detach().clone()
         return fn
 
@@ -341,7 +341,7 @@ def test_z_hook_is_o_proj_input_and_per_spec_write(tiny):
         assert seen["z"].shape[-1] == o_proj.in_features
         torch.testing.assert_close(after(o_proj(seen["z"])), seen["attn"], atol=1e-5, rtol=1e-5)
 
-        with hooked(model, [("z", 1, torch.zeros_like, True), ("attn_out", 1, grab("attn0"), False)]):
+        with hooked(model, [("z", 1, lambda x, ctx: torch.zeros_like(x), True), ("attn_out", 1, grab("attn0"), False)]):
             r.logits(enc)
         assert n_hooks(model) == 0
         torch.testing.assert_close(seen["attn0"], after(o_proj(torch.zeros_like(seen["z"]))), atol=1e-6, rtol=0)
@@ -362,8 +362,8 @@ def test_directional_ablation_applies_to_generated_tokens(tiny):
 
     def grab(mod, args, out):
         x = out[0] if isinstance(out, tuple) else out
-        if PHASE.value in seen:
-            seen[PHASE.value].append(x.detach().clone())
+        if current_pass().phase in seen:
+            seen[current_pass().phase].append(x.detach().clone())
 
     h = decoder_layers(model)[-1].register_forward_hook(grab)
     try:
@@ -559,12 +559,12 @@ def test_error_paths(tiny):
     with pytest.raises(ToolkitError):
         r.collect(enc, [0], ["resid_middle"], [-1])
     with pytest.raises(ToolkitError):
-        add_hook(model, "hook_resid_pre", 0, lambda x: None)
+        add_hook(model, "hook_resid_pre", 0, lambda x, ctx: None)
     for layer in (99, -99, N_LAYERS, -N_LAYERS - 1):
         with pytest.raises(ToolkitError):
             r.collect(enc, [layer], ["resid_pre"], [-1])
         with pytest.raises(ToolkitError):
-            add_hook(model, "resid_pre", layer, lambda x: None)
+            add_hook(model, "resid_pre", layer, lambda x, ctx: None)
     for positions in ([0], [3], [-1, 0], []):
         with pytest.raises(ToolkitError):
             r.collect(enc, [0], ["resid_pre"], positions)
@@ -596,7 +596,7 @@ def test_error_paths(tiny):
         with activation_addition(model, d, [0], site="resid"):
             pass
     with pytest.raises(ToolkitError):
-        with hooked(model, [("resid_pre", 0, lambda x: None), ("nope", 0, lambda x: None)]):
+        with hooked(model, [("resid_pre", 0, lambda x, ctx: None), ("nope", 0, lambda x, ctx: None)]):
             pass
     with pytest.raises(ToolkitError):
         r.encode([])

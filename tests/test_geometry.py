@@ -208,7 +208,7 @@ def test_subspace_ablation_removes_the_span_and_equals_directional_for_one(tiny)
     r = Runner(tiny, ChatFormat(tiny.tokenizer), batch_size=4, progress=False)
     enc = r.encode(PROMPTS[:4])
     seen = []
-    with subspace_ablation(model, vecs), hooked(model, [("resid_post", 2, lambda x: seen.append(x.clone()))]):
+    with subspace_ablation(model, vecs), hooked(model, [("resid_post", 2, lambda x, ctx: seen.append(x.clone()))]):
         r.logits(enc)
     proj = torch.cat([s.reshape(-1, d) for s in seen]).double() @ q.T
     assert proj.abs().max() < 1e-4 * max(1.0, max(float(s.abs().max()) for s in seen))

@@ -23,7 +23,9 @@ Qwen2/Qwen2.5/Qwen3, Llama 2/3, Mistral and Gemma 1/2/3 (text). All tensors exce
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ from .errors import ToolkitError
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 HEAD_SITE = "z"
 
-HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+HookFn = Callable[[torch.Tensor, "HookContext"], "torch.Tensor | None"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -111,9 +113,11 @@ def check_layer(model: nn.Module, layer: int) -> int:
 def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool = False):
     """Register ``fn`` on ``blocks.{layer}.hook_{site}``; return the handle (call ``.remove()``).
 
-    ``fn`` receives the activation ``[batch, pos, d_model]`` (``z``: ``[batch, pos, n_heads * head_dim]``) and
-    returns a replacement tensor or ``None``. With ``write=True`` a ``resid_mid`` hook is placed on ``attn_out``
-    (see module docstring) so that its change propagates; reading ``resid_mid`` uses the pre-MLP norm's input.
+    ``fn(x, ctx)`` receives the activation ``x`` ``[batch, pos, d_model]`` (``z``: ``[batch, pos, n_heads *
+    head_dim]``) and a :class:`HookContext` (site, layer and the state of the pass now running, handed over
+    explicitly as TransformerLens hands ``hook=`` to its hook functions), and returns a replacement tensor or
+    ``None``. With ``write=True`` a ``resid_mid`` hook is placed on ``attn_out`` (see module docstring) so that
+    its change propagates; reading ``resid_mid`` uses the pre-MLP norm's input.
 
     Raises:
         ToolkitError: unknown site or layer out of range.
@@ -123,9 +127,12 @@ def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool
     layer = check_layer(model, layer)
     block = decoder_layers(model)[layer]
 
+    def call(x: torch.Tensor):
+        return fn(x, HookContext(site, layer, current_pass()))
+
     if site == HEAD_SITE:
         def z_hook(mod, args):
-            new = fn(args[0])
+            new = call(args[0])
             return None if new is None else (new,) + tuple(args[1:])
 
         return block.self_attn.o_proj.register_forward_pre_hook(z_hook)
@@ -135,11 +142,11 @@ def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool
 
         def pre_hook(mod, args, kwargs):
             if args:
-                new = fn(args[0])
+                new = call(args[0])
                 if new is not None:
                     return (new,) + tuple(args[1:]), kwargs
             else:
-                new = fn(kwargs["hidden_states"])
+                new = call(kwargs["hidden_states"])
                 if new is not None:
                     kwargs = dict(kwargs, hidden_states=new)
                     return args, kwargs
@@ -151,7 +158,7 @@ def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool
               "resid_mid": attn_out_module(block)}[site]
 
     def fwd_hook(mod, args, out):
-        new = fn(_first(out))
+        new = call(_first(out))
         if new is not None:
             return _replace_first(out, new)
         return None
@@ -159,83 +166,164 @@ def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool
     return module.register_forward_hook(fwd_hook)
 
 
+# ----------------------------------------------------------------------------------------------- pass state
+PHASES = ("prefix", "prompt", "generate", "continuation")
+
+
+@dataclass
+class PassState:
+    """What the forward pass now running computes; owned by the :class:`toolkit.runner.Runner` that runs it and
+    handed to every hook (:attr:`HookContext.state`).
+
+    Attributes:
+        phase: ``"prefix"``: the template prefix shared by every prompt (computed once, then cached);
+            ``"prompt"``: the rest of the prompt, which holds every addressed position; ``"generate"``: decode
+            steps; ``"continuation"``: prompt plus a given continuation (:meth:`Runner.continuation_logprob`),
+            where positions counted from the end are not the prompt's. Interventions and captures addressed to
+            prompt positions act only in ``"prompt"``; those at every position act in every phase. Outside a
+            Runner the phase is ``"prompt"``.
+        rows: caller-order indices ``[batch]`` (long, CPU) of the prompts in the batch now running: row ``r`` of
+            an activation is prompt ``rows[r]`` (batches are sorted by length, so not in caller order); None
+            outside a Runner's batches.
+        min_len: the shortest real (unpadded) length in the batch now running, so that position-addressed hooks
+            can refuse positions that would land on left padding; None outside a Runner's batches.
+    """
+
+    phase: str = "prompt"
+    rows: torch.Tensor | None = None
+    min_len: int | None = None
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """Handed to every hook function with its activation: where it fires and the pass it fires in.
+
+    Attributes:
+        site: hook site name (:data:`SITES` or ``"z"``).
+        layer: block index (non-negative).
+        state: the :class:`PassState` of the pass now running.
+    """
+
+    site: str
+    layer: int
+    state: PassState
+
+    @property
+    def in_prompt(self) -> bool:
+        """True in the prompt phase, the only one in which prompt positions (negative indices) are addressed."""
+        return self.state.phase == "prompt"
+
+    def check_span(self, x: torch.Tensor, depth: int) -> None:
+        """Refuse a position ``-depth`` that lies beyond the shortest real prompt of the batch (it would land on
+        left padding).
+
+        Args:
+            x: the activation ``[batch, pos, width]``.
+            depth: how many trailing positions are addressed.
+
+        Raises:
+            ToolkitError: position beyond the shortest prompt.
+        """
+        n = x.shape[1] if self.state.min_len is None else min(self.state.min_len, x.shape[1])
+        if n < depth:
+            raise ToolkitError(f"position {-depth} is beyond a prompt of {n} tokens")
+
+
+# The runner's pass state and the hooks registered through :func:`hooked`, as context variables: each thread
+# (and each asyncio task) sees its own, nothing is shared between threads, and every value is replaced, never
+# mutated in place, by the context manager that owns it.
+_PASS: contextvars.ContextVar[PassState | None] = contextvars.ContextVar("refusal_toolkit_pass", default=None)
+_ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("refusal_toolkit_hooks", default=())
+
+
+def current_pass() -> PassState:
+    """The :class:`PassState` of the Runner pass now running, or a fresh prompt-phase state outside one."""
+    return _PASS.get() or PassState()
+
+
 @contextlib.contextmanager
-def hooked(model: nn.Module, specs: list[tuple], *, write: bool = True) -> Iterator[None]:
+def running(state: PassState) -> Iterator[PassState]:
+    """Make ``state`` the pass state every hook receives while the block runs (used by the Runner)."""
+    token = _PASS.set(state)
+    try:
+        yield state
+    finally:
+        _PASS.reset(token)
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Which positions a group of hooks addresses, declared to :func:`hooked` so that a Runner can serve it.
+
+    Attributes:
+        depth: the hooks address the last ``depth`` prompt positions (negative indices ``-depth..-1``) in the
+            prompt phase; the Runner keeps that many tokens of every prompt out of the shared prefix.
+        every: the hooks write at every position of every pass (directional ablation, activation addition
+            without positions); a context cache (computed without interventions) cannot serve them.
+        read: the hooks only read activations (captures); they change nothing, so a cache of the unmodified
+            model still describes a pass that runs them.
+    """
+
+    depth: int = 0
+    every: bool = False
+    read: bool = False
+
+
+@dataclass(frozen=True)
+class _Registration:
+    model: int  # id() of the model the hooks sit on
+    layers: tuple[int, ...]
+    reach: Reach
+
+
+@dataclass(frozen=True)
+class ActiveHooks:
+    """What the hooks registered on one model through :func:`hooked` (now, in this context) address.
+
+    Attributes:
+        layers: sorted block indices of every registered hook, reads included.
+        depth: the deepest prompt position addressed (0 if none).
+        every: whether any registered hook writes at every position.
+        writes: whether any registered group of hooks is not declared read-only (``Reach.read``).
+    """
+
+    layers: tuple[int, ...] = ()
+    depth: int = 0
+    every: bool = False
+    writes: bool = False
+
+
+def active_hooks(model: nn.Module) -> ActiveHooks:
+    """The :class:`ActiveHooks` of ``model`` in the current context."""
+    regs = [r for r in _ACTIVE.get() if r.model == id(model)]
+    return ActiveHooks(tuple(sorted(l for r in regs for l in r.layers)), max((r.reach.depth for r in regs), default=0),
+                       any(r.reach.every for r in regs), any(not r.reach.read for r in regs))
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, specs: list[tuple], *, write: bool = True, reach: Reach = Reach()) -> Iterator[None]:
     """Context manager: register ``(site, layer, fn)`` or ``(site, layer, fn, write)`` hooks (the fourth item
-    overrides ``write`` for that hook) and always remove them on exit (even on error). Every hook's layer is
-    listed in ``PHASE.layers`` while registered, so a cached context that skips early blocks can refuse hooks
-    it would skip.
+    overrides ``write`` for that hook; ``fn(x, ctx)`` as in :func:`add_hook`) and always remove them on exit (even
+    on error). While open, the hooks' layers and ``reach`` are visible through :func:`active_hooks`, so that a
+    Runner keeps addressed positions out of the shared prefix and a cached context refuses hooks it would skip.
 
     Raises:
         ToolkitError: unknown site or layer out of range (nothing is left registered).
     """
     handles, layers = [], []
+    reg = None
     try:
         for site, layer, fn, *own in specs:
             handles.append(add_hook(model, site, layer, fn, write=own[0] if own else write))
             layers.append(check_layer(model, layer))
-            PHASE.layers.append(layers[-1])
+        reg = _Registration(id(model), tuple(layers), reach)
+        _ACTIVE.set(_ACTIVE.get() + (reg,))
         yield
     finally:
         for h in handles:
             h.remove()
-        for l in layers:
-            PHASE.layers.remove(l)
-
-
-class _Phase:
-    """Which part of a prompt the current forward pass computes (set by :class:`toolkit.runner.Runner`).
-
-    ``"prefix"``: the template prefix shared by every prompt (computed once, then cached);
-    ``"prompt"``: the rest of the prompt, which holds every addressed position; ``"generate"``: decode steps.
-    Interventions addressed to prompt positions act only in the ``"prompt"`` phase; those at all
-    positions act in every phase. Outside a Runner the phase is ``"prompt"``.
-
-    ``min_len``: during a Runner's prompt pass, the shortest real (unpadded) length in the batch, so that
-    position-addressed hooks can refuse positions that would land on left padding; None elsewhere.
-    ``depths``: how deep (``-min(positions)``) each active position-addressed intervention reaches; the Runner
-    keeps at least that many tokens of every prompt out of the shared prefix.
-    ``unbounded``: how many active interventions write at every position (directional ablation, activation
-    addition without positions); a Runner context cache (computed without interventions) cannot be reused then.
-    ``layers``: the block index of every hook registered through :func:`hooked` (reads and writes), so that a
-    pass that skips early blocks can refuse hooks it would skip.
-    """
-
-    value = "prompt"
-    min_len: int | None = None
-    depths: list = []
-    unbounded: int = 0
-    layers: list = []
-
-
-PHASE = _Phase()
-PHASE.depths = []
-PHASE.layers = []
-
-
-@contextlib.contextmanager
-def unbounded_intervention() -> Iterator[None]:
-    """Mark an intervention that writes at every position (see :attr:`_Phase.unbounded`) while the block runs."""
-    PHASE.unbounded += 1
-    try:
-        yield
-    finally:
-        PHASE.unbounded -= 1
-
-
-def required_depth() -> int:
-    """Deepest prompt position addressed by an active intervention (0 if none)."""
-    return max(PHASE.depths, default=0)
-
-
-@contextlib.contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Set :data:`PHASE` for the duration of the block."""
-    old, PHASE.value = PHASE.value, name
-    try:
-        yield
-    finally:
-        PHASE.value = old
+        if reg is not None:
+            _ACTIVE.set(tuple(r for r in _ACTIVE.get() if r is not reg))
 
 
 class StopForward(Exception):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ToolkitError
-from .hooks import PHASE, decoder_layers, embedding, has_post_norms, hooked, unbounded_intervention
+from .hooks import Reach, decoder_layers, embedding, has_post_norms, hooked
 
 
 def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def directional_ablation(model: nn.Module, direction: torch.Tensor, layers: Sequ
     r_hat = _check_direction(model, direction).double()
     r_hat = (r_hat / r_hat.norm()).float()
 
-    def fn(x):
+    def fn(x, ctx):
         return project_out(x, r_hat)
 
     with _everywhere(model, fn, layers):
@@ -68,11 +68,12 @@ def directional_ablation(model: nn.Module, direction: torch.Tensor, layers: Sequ
 
 @contextlib.contextmanager
 def _everywhere(model: nn.Module, fn, layers: Sequence[int] | None) -> Iterator[None]:
-    """Apply ``fn`` at ``resid_pre``, ``attn_out`` and ``mlp_out`` of ``layers`` (default all), every position."""
+    """Apply ``fn(x, ctx)`` at ``resid_pre``, ``attn_out`` and ``mlp_out`` of ``layers`` (default all), every
+    position of every pass."""
     n = len(decoder_layers(model))
     layers = list(range(n)) if layers is None else list(layers)
     specs = [(site, l, fn) for l in layers for site in ("resid_pre", "attn_out", "mlp_out")]
-    with hooked(model, specs), unbounded_intervention():
+    with hooked(model, specs, reach=Reach(every=True)):
         yield
 
 
@@ -116,7 +117,7 @@ def subspace_ablation(model: nn.Module, vectors: torch.Tensor, layers: Sequence[
         raise ToolkitError(f"vectors have shape {tuple(vectors.shape)}, but the model's d_model is {d}")
     q = orthonormal_basis(vectors).float()
 
-    def fn(x):
+    def fn(x, ctx):
         work = torch.promote_types(x.dtype, torch.float32)
         qq = q.to(device=x.device, dtype=work)
         xf = x.to(work)
@@ -154,29 +155,20 @@ def activation_addition(model: nn.Module, vector: torch.Tensor, layers: Sequence
     pos_t = torch.tensor(positions) if positions is not None else None
     depth = -min(positions) if positions is not None else 0
 
-    def fn(x):
+    def fn(x, ctx):
         delta = (alpha * v).to(device=x.device, dtype=x.dtype)
         if pos_t is None:
             return x + delta
-        if PHASE.value != "prompt":
+        if not ctx.in_prompt:
             return None
-        shortest = x.shape[1] if PHASE.min_len is None else PHASE.min_len
-        if shortest < depth:
-            raise ToolkitError(f"position {-depth} is beyond a prompt of {shortest} tokens")
+        ctx.check_span(x, depth)
         x = x.clone()
         x[:, pos_t.to(x.device)] += delta
         return x
 
-    PHASE.depths.append(depth)
-    try:
-        with hooked(model, [(site, l, fn) for l in layers]):
-            if pos_t is None:
-                with unbounded_intervention():
-                    yield
-            else:
-                yield
-    finally:
-        PHASE.depths.remove(depth)
+    reach = Reach(every=True) if pos_t is None else Reach(depth=depth)
+    with hooked(model, [(site, l, fn) for l in layers], reach=reach):
+        yield
 
 
 @torch.no_grad()

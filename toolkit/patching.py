@@ -45,7 +45,7 @@ capture pass over the last ``K`` tokens, and one pass over those ``K`` tokens co
 which are then cropped for every shallower depth. Context-cached passes equal plain full passes to float
 tolerance (``tests/test_patching.py``). Measured on the default model (2 CPU cores, float32, 10 pairs): about
 1.3 s per stacked pass at about 52 GFLOP/s, a fifth to a third of it in the LM head, which every patched row
-needs. The contexts are built here from the documented layout of :attr:`toolkit.runner.Context.parts`.
+needs. The contexts are derived here with :meth:`toolkit.runner.Context.derive`.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ from torch import nn
 
 from .activations import Batch
 from .errors import ToolkitError
-from .hooks import HEAD_SITE, PHASE, SITES, check_layer, decoder_layers, hooked
-from .runner import Context, Encoded, Runner
+from .hooks import HEAD_SITE, SITES, Reach, check_layer, decoder_layers, hooked
+from .runner import Context, ContextPart, Encoded, Runner
 from .scoring import refusal_score
 
 PATCH_SITES = SITES + (HEAD_SITE,)
@@ -259,21 +259,6 @@ def head_components(layers: Sequence[int], n_heads: int, positions: Sequence[int
 
 
 # ------------------------------------------------------------------------------------------------ hooks
-@contextlib.contextmanager
-def _depth(depth: int) -> Iterator[None]:
-    PHASE.depths.append(depth)
-    try:
-        yield
-    finally:
-        PHASE.depths.remove(depth)
-
-
-def _check_span(x: torch.Tensor, depth: int) -> None:
-    shortest = x.shape[1] if PHASE.min_len is None else min(PHASE.min_len, x.shape[1])
-    if shortest < depth:
-        raise ToolkitError(f"position {-depth} is beyond a prompt of {shortest} tokens")
-
-
 @dataclass
 class Activations:
     """Activations captured at the last ``len(positions)`` positions of every prompt.
@@ -330,20 +315,20 @@ def capture(runner: Runner, enc: Encoded, layers: dict[str, Sequence[int]], posi
     out: dict[str, torch.Tensor] = {}
 
     def make(site: str, li: int):
-        def fn(x: torch.Tensor):
-            if PHASE.value != "prompt":
+        def fn(x: torch.Tensor, ctx):
+            if not ctx.in_prompt:
                 return None
-            _check_span(x, depth)
+            ctx.check_span(x, depth)
             sel = x[:, [x.shape[1] + p for p in pos]].float().cpu()  # [batch, n_pos, width]
             if site not in out:
                 out[site] = torch.zeros((n, len(lay[site]), len(pos), sel.shape[-1]), dtype=torch.float32)
-            out[site][runner.rows, li] = sel
+            out[site][ctx.state.rows, li] = sel
             return None
 
         return fn
 
     specs = [(s, l, make(s, li), False) for s, ls in lay.items() for li, l in enumerate(ls)]
-    with hooked(runner.model, specs), _depth(depth):
+    with hooked(runner.model, specs, reach=Reach(depth=depth, read=True)):
         logits = runner.logits(enc, desc=desc, context=context)
     return logits, Activations(out, lay, pos)
 
@@ -355,10 +340,11 @@ def patching(runner: Runner, components: Sequence[Component], values: Sequence[t
 
     A pass runs ``len(components) * n_prompts`` rows in caller order ``v * n_prompts + i``: row ``(v, i)`` is prompt
     ``i`` with component ``v`` replaced by ``values[v][i]`` (so with one component, an ordinary encoding of the
-    ``n_prompts`` prompts). Rows are found through :attr:`toolkit.runner.Runner.rows`, since batches are sorted by
-    length. Patches apply in the prompt phase only, at the components' positions; the deepest one is registered
-    in ``PHASE.depths`` (the runner keeps those tokens out of the shared prefix, and a context cache must keep at
-    least that many tokens).
+    ``n_prompts`` prompts). Rows are found through the pass state's caller-order rows
+    (:attr:`toolkit.hooks.PassState.rows`), since batches are sorted by length. Patches apply in the prompt phase
+    only, at the components' positions; the deepest one is declared as the hooks' reach
+    (:class:`toolkit.hooks.Reach`: the runner keeps those tokens out of the shared prefix, and a context cache must
+    keep at least that many tokens).
 
     Args:
         components: what to patch, one per variant.
@@ -399,11 +385,11 @@ def patching(runner: Runner, components: Sequence[Component], values: Sequence[t
     def make(site: str, layer: int, items: list):
         cache: dict = {}
 
-        def fn(x: torch.Tensor):
-            if PHASE.value != "prompt":
+        def fn(x: torch.Tensor, ctx):
+            if not ctx.in_prompt:
                 return None
-            _check_span(x, depth)
-            rows = runner.rows.to(x.device)
+            ctx.check_span(x, depth)
+            rows = ctx.state.rows.to(x.device)
             var, idx = rows // n_prompts, rows % n_prompts
             x = x.clone()
             for v, pos, sl, val in items:
@@ -428,13 +414,13 @@ def patching(runner: Runner, components: Sequence[Component], values: Sequence[t
         write_site = "attn_out" if site == "resid_mid" else site
         specs.append((write_site, layer, make(site, layer, items), True))
         if site == "resid_mid":
-            def keep(x, layer=layer):
-                if PHASE.value == "prompt":
+            def keep(x, ctx, layer=layer):
+                if ctx.in_prompt:
                     stash[layer] = x
                 return None
 
             specs.append(("resid_pre", layer, keep, False))
-    with hooked(model, specs), _depth(depth):
+    with hooked(model, specs, reach=Reach(depth=depth)):
         try:
             yield
         finally:
@@ -480,13 +466,15 @@ def _contexts_by_depth(runner: Runner, ctx: Context, ks: Sequence[int]) -> dict[
     decoder = runner.model.get_decoder()  # no LM head: only the caches are wanted
     full = []
     with torch.inference_mode():
-        for b, cache, ids, pos, mask, _ in ctx.parts:
-            c = copy.deepcopy(cache)
-            decoder(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=c, use_cache=True)
+        for part in ctx.parts:
+            c = copy.deepcopy(part.cache)
+            decoder(input_ids=part.ids, position_ids=part.positions, attention_mask=part.mask, past_key_values=c,
+                    use_cache=True)
             full.append(c)
         for k in ks:
             parts = []
-            for (b, cache, ids, pos, mask, _), c in zip(ctx.parts, full):
+            for part, c in zip(ctx.parts, full):
+                cache, ids, pos, mask = part.cache, part.ids, part.positions, part.mask
                 want = cache.get_seq_length() + ctx.k - k
                 try:
                     ck = copy.deepcopy(c)
@@ -499,8 +487,8 @@ def _contexts_by_depth(runner: Runner, ctx: Context, ks: Sequence[int]) -> dict[
                     extra = ctx.k - k
                     decoder(input_ids=ids[:, :extra], position_ids=pos[:, :extra],
                             attention_mask=mask[:, : mask.shape[1] - k], past_key_values=ck, use_cache=True)
-                parts.append((b, ck, ids[:, -k:], pos[:, -k:], mask, None))
-            out[k] = Context(ctx.enc, k, parts, 0, ctx.tuple_out, ctx.head_once)
+                parts.append(ContextPart(part.batch, ck, ids[:, -k:], pos[:, -k:], mask))
+            out[k] = ctx.derive(parts, k=k, start_layer=0)
     return out
 
 
@@ -528,16 +516,18 @@ def _stacked_context(ctx: Context, venc: Encoded, m: int, start_layer: int, resi
     last ``ctx.k`` positions or more) so that earlier blocks are skipped."""
     n = len(ctx.enc)
     parts = []
-    for b, cache, ids, pos, mask, _ in ctx.parts:
-        c = _repeat_cache(cache, m, start_layer)
+    for part in ctx.parts:
+        b, ids = part.batch, part.ids
+        c = _repeat_cache(part.cache, m, start_layer)
         index = [v * n + i for i in b.index for v in range(m)]
         vb = Batch(index, b.input_ids.repeat_interleave(m, 0), b.attention_mask.repeat_interleave(m, 0))
         h = None
         if start_layer > 0:
             h = resid.get("resid_pre", start_layer, list(range(-ctx.k, 0)))[b.index]  # [batch, k, d_model]
             h = h.to(device=ids.device, dtype=dtype).repeat_interleave(m, 0)
-        parts.append((vb, c, ids.repeat_interleave(m, 0), pos.repeat_interleave(m, 0), mask.repeat_interleave(m, 0), h))
-    return Context(venc, ctx.k, parts, start_layer, ctx.tuple_out, ctx.head_once)
+        parts.append(ContextPart(vb, c, ids.repeat_interleave(m, 0), part.positions.repeat_interleave(m, 0),
+                                 part.mask.repeat_interleave(m, 0), h))
+    return ctx.derive(parts, enc=venc, start_layer=start_layer)
 
 
 # ------------------------------------------------------------------------------------------------ sweep

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .activations import Batch, make_batches
 from .errors import ToolkitError
-from .hooks import PHASE, SITES, StopForward, check_layer, hooked, phase, required_depth
+from .hooks import (SITES, PassState, Reach, StopForward, active_hooks, check_layer, decoder_layers, hooked,
+                    running)
 from .models import LoadedModel
 from .templates import ChatFormat
 
@@ -58,6 +60,28 @@ class Encoded:
 
 
 @dataclass
+class ContextPart:
+    """One batch of a :class:`Context`.
+
+    Attributes:
+        batch: the batch (its ``index`` maps rows to the caller's prompts).
+        cache: key/value cache of everything before the trailing ``k`` tokens (a ``transformers`` cache).
+        ids: trailing token ids ``[batch, k]`` long.
+        positions: their position ids ``[batch, k]`` long.
+        mask: attention mask over the cache and the trailing tokens ``[batch, prefix + pos]`` long.
+        resid: ``resid_pre`` of block ``start_layer`` at the trailing tokens ``[batch, k, d_model]``, or None when
+            the context starts at block 0.
+    """
+
+    batch: Batch
+    cache: object
+    ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    resid: torch.Tensor | None = None
+
+
+@dataclass
 class Context:
     """Key/value caches of every prompt except its last ``k`` tokens, computed once without interventions.
 
@@ -73,9 +97,8 @@ class Context:
     Attributes:
         enc: the encoded prompts it belongs to.
         k: number of trailing tokens per prompt left to compute.
+        parts: one :class:`ContextPart` per batch.
         start_layer: first block computed for those tokens.
-        parts: per batch ``(batch, cache, tail input ids [batch, k], tail positions [batch, k],
-            attention mask [batch, prefix + pos], resid_pre of block start_layer [batch, k, d_model] or None)``.
         tuple_out: whether the model's blocks return tuples (so skipped blocks can mimic them).
         head_once: whether the LM head applied to the decoder's final hidden states reproduces the model's logits
             (checked on the first batch); then later passes apply it once to all prompts instead of per batch.
@@ -83,10 +106,41 @@ class Context:
 
     enc: Encoded
     k: int
-    parts: list
+    parts: list[ContextPart]
     start_layer: int = 0
     tuple_out: bool = False
     head_once: bool = False
+
+    def derive(self, parts: list[ContextPart], *, k: int | None = None, enc: Encoded | None = None,
+               start_layer: int | None = None) -> Context:
+        """A context of the same model and kind with other parts (and optionally another ``k``, encoding or start
+        layer): used to crop a context to fewer trailing tokens or to stack prompts (activation patching)."""
+        return dataclasses.replace(self, parts=parts, k=self.k if k is None else k,
+                                   enc=self.enc if enc is None else enc,
+                                   start_layer=self.start_layer if start_layer is None else start_layer)
+
+    def check_serves(self, model, enc: Encoded | None = None) -> None:
+        """Refuse to serve a pass that this context would compute wrongly.
+
+        Args:
+            model: the model whose active hooks (:func:`toolkit.hooks.active_hooks`) the pass runs under.
+            enc: the prompts of the pass (must be the context's own), or None to skip that check.
+
+        Raises:
+            ToolkitError: other prompts; an active intervention at every position; one reaching deeper than ``k``;
+                a hook on a block before ``start_layer``.
+        """
+        if enc is not None and enc is not self.enc:
+            raise ToolkitError("the context cache was computed for other prompts")
+        act = active_hooks(model)
+        if act.every:
+            raise ToolkitError("an intervention at every position cannot reuse a context cache")
+        if act.depth > self.k:
+            raise ToolkitError(f"an intervention reaches position {-act.depth}, beyond the context's last "
+                               f"{self.k} tokens")
+        if act.layers and act.layers[0] < self.start_layer:
+            raise ToolkitError(f"a hook at layer {act.layers[0]} is before the context's start layer "
+                               f"{self.start_layer}")
 
 
 def shared_prefix_len(ids: Sequence[Sequence[int]], keep: int) -> int:
@@ -119,13 +173,6 @@ class Runner:
         self.lm, self.model, self.fmt = lm, lm.model, fmt
         self.batch_size, self.progress, self.share_prefix = batch_size, progress, share_prefix
         self.pad_id = lm.tokenizer.pad_token_id
-        self._rows = torch.zeros(0, dtype=torch.long)
-
-    @property
-    def rows(self) -> torch.Tensor:
-        """Caller-order indices ``[batch]`` (long) of the prompts in the batch now running: row ``r`` of an
-        activation a hook sees is prompt ``rows[r]`` (batches are sorted by length, so not in caller order)."""
-        return self._rows
 
     # ----------------------------------------------------------------------------------------- encoding
     def encode(self, instructions: Sequence[str], keep: int | None = None) -> Encoded:
@@ -168,7 +215,7 @@ class Runner:
         return Encoded(enc.ids, p)
 
     # ---------------------------------------------------------------------------------------- internals
-    def _prefix_cache(self, enc: Encoded):
+    def _prefix_cache(self, enc: Encoded, state: PassState):
         """Compute the shared prefix's KV cache (batch 1) under the active hooks, phase ``prefix``; the decoder
         only (no LM head: no logits are wanted)."""
         if enc.prefix_len == 0:
@@ -177,11 +224,13 @@ class Runner:
 
         cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([enc.prefix], device=self.lm.device)
-        with phase("prefix"):
-            try:
-                self.model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True)
-            except StopForward:
-                pass
+        phase, state.phase = state.phase, "prefix"
+        try:
+            self.model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True)
+        except StopForward:
+            pass
+        finally:
+            state.phase = phase
         return cache
 
     def _batches(self, enc: Encoded) -> list[Batch]:
@@ -203,34 +252,34 @@ class Runner:
         return kw
 
     @contextlib.contextmanager
-    def _pass(self) -> Iterator[None]:
-        """Inference mode for one call; clears the per-batch state on exit, errors included."""
-        try:
-            with torch.inference_mode():
-                yield
-        finally:
-            PHASE.min_len = None
+    def _pass(self, phase: str = "prompt") -> Iterator[PassState]:
+        """Inference mode for one call, with a fresh :class:`toolkit.hooks.PassState` that every hook receives
+        while the call runs (and no longer: nothing outlives the call, errors included)."""
+        with torch.inference_mode(), running(PassState(phase)) as state:
+            yield state
 
-    def _iterate(self, enc: Encoded, desc: str) -> Iterator[tuple[Batch, object]]:
-        """Yield ``(batch, prefix cache)`` for each batch, in inference mode, with a progress bar.
+    def _iterate(self, enc: Encoded, desc: str, phase: str = "prompt"
+                 ) -> Iterator[tuple[Batch, object, PassState]]:
+        """Yield ``(batch, prefix cache, pass state)`` for each batch, in inference mode, with a progress bar.
 
         The prefix cache is computed once per call under the hooks active now (None without sharing).
         """
-        with self._pass():
-            cache = self._prefix_cache(enc)
+        with self._pass(phase) as state:
+            cache = self._prefix_cache(enc, state)
             bar = self._bar(enc, desc)
             try:
                 for b in self._batches(enc):
-                    self._start(b)
-                    yield b, cache
+                    self._start(b, state)
+                    yield b, cache, state
                     bar.update(sum(len(enc.ids[i]) for i in b.index))
             finally:
                 bar.close()
 
-    def _start(self, b: Batch) -> None:
+    @staticmethod
+    def _start(b: Batch, state: PassState) -> None:
         """Record the batch's rows (for captures) and its shortest real length (for position checks)."""
-        self._rows = torch.tensor(b.index)
-        PHASE.min_len = int(b.attention_mask.sum(1).min())
+        state.rows = torch.tensor(b.index)
+        state.min_len = int(b.attention_mask.sum(1).min())
 
     def _bar(self, enc: Encoded, desc: str):
         return tqdm(total=enc.n_tokens, desc=desc, unit="tok", disable=not self.progress, leave=False,
@@ -251,12 +300,11 @@ class Runner:
         """
         if k < 1:
             raise ToolkitError(f"context needs k >= 1 trailing tokens, got {k}")
-        if PHASE.unbounded or PHASE.depths:
+        act = active_hooks(self.model)
+        if act.every or act.depth:
             raise ToolkitError("compute a context cache without interventions active")
         start_layer = check_layer(self.model, start_layer)
         from transformers import DynamicCache
-
-        from .hooks import decoder_layers
 
         blocks = decoder_layers(self.model)
         if any(len(x) < k + 1 for x in enc.ids):
@@ -274,7 +322,7 @@ class Runner:
             tuple_out[0] = isinstance(out, tuple)
 
         head_once = None
-        for b, cache in self._iterate(work, desc):
+        for b, cache, _ in self._iterate(work, desc):
             kw = self._inputs(work, b, cache)
             c = kw.get("past_key_values") or DynamicCache(config=self.model.config)
             mask = kw["attention_mask"]
@@ -301,60 +349,56 @@ class Runner:
                     resid = grab.value
                 finally:
                     h.remove()
-            parts.append((b, c, kw["input_ids"][:, -k:], kw["position_ids"][:, -k:], mask, resid))
+            parts.append(ContextPart(b, c, kw["input_ids"][:, -k:], kw["position_ids"][:, -k:], mask, resid))
         return Context(enc, k, parts, start_layer, tuple_out[0], bool(head_once))
 
     @contextlib.contextmanager
     def _skip_blocks(self, ctx: Context, current: list) -> Iterator[None]:
         """Run blocks before ``ctx.start_layer`` as identities and feed block ``start_layer`` the stored residual
-        of the current batch (``current[0]``), ahead of any other hook on it."""
+        of the current batch (``current[0]``), ahead of any other hook on it.
+
+        The skipped blocks' slots in the decoder's layer list hold a stand-in (:class:`_Skipped`) while the block
+        runs; the blocks themselves are not touched (their ``forward``, hooks and devices stay as they are, e.g.
+        accelerate's device-placement hooks), and the original blocks are put back in their slots on exit, errors
+        included. The list keeps its length, so per-layer settings indexed by position (``layer_types``) still
+        line up."""
         if ctx.start_layer == 0:
             yield
             return
-        from .hooks import decoder_layers
-
         blocks = decoder_layers(self.model)
-
-        def identity(hidden_states, *args, **kwargs):
-            return (hidden_states,) if ctx.tuple_out else hidden_states
+        originals = [blocks[i] for i in range(ctx.start_layer)]
 
         def feed(mod, args, kwargs):
             if args:
                 return (current[0],) + tuple(args[1:]), kwargs
             return args, dict(kwargs, hidden_states=current[0])
 
-        for blk in blocks[: ctx.start_layer]:
-            blk.forward = identity
         h = blocks[ctx.start_layer].register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
         try:
+            for i in range(ctx.start_layer):
+                blocks[i] = _Skipped(ctx.tuple_out)
             yield
         finally:
             h.remove()
-            for blk in blocks[: ctx.start_layer]:
-                del blk.forward
+            for i, blk in enumerate(originals):
+                blocks[i] = blk
 
     def _logits_from_context(self, ctx: Context, desc: str) -> torch.Tensor:
-        if PHASE.unbounded:
-            raise ToolkitError("an intervention at every position cannot reuse a context cache")
-        if required_depth() > ctx.k:
-            raise ToolkitError(f"an intervention reaches position {-required_depth()}, beyond the context's last "
-                               f"{ctx.k} tokens")
-        if PHASE.layers and min(PHASE.layers) < ctx.start_layer:
-            raise ToolkitError(f"a hook at layer {min(PHASE.layers)} is before the context's start layer "
-                               f"{ctx.start_layer}")
+        ctx.check_serves(self.model)
         out = None
         current: list = [None]
         hidden = None
         decoder = self.model.get_decoder() if ctx.head_once else None
-        with self._pass(), self._skip_blocks(ctx, current):
+        with self._pass() as state, self._skip_blocks(ctx, current):
             bar = tqdm(total=len(ctx.enc) * ctx.k, desc=desc, unit="tok", disable=not self.progress, leave=False,
                        dynamic_ncols=True)
             try:
-                for b, cache, ids, pos, mask, resid in ctx.parts:
-                    self._start(b)
-                    current[0] = resid
-                    kw = {"input_ids": ids, "position_ids": pos, "attention_mask": mask,
-                          "past_key_values": copy.deepcopy(cache), "use_cache": True}
+                for part in ctx.parts:
+                    b = part.batch
+                    self._start(b, state)
+                    current[0] = part.resid
+                    kw = {"input_ids": part.ids, "position_ids": part.positions, "attention_mask": part.mask,
+                          "past_key_values": copy.deepcopy(part.cache), "use_cache": True}
                     rows = torch.tensor(b.index)
                     if decoder is not None:  # final hidden state now, the LM head once for all prompts below
                         h = decoder(**kw).last_hidden_state[:, -1]
@@ -399,12 +443,11 @@ class Runner:
                 every position, or one deeper than ``context.k``).
         """
         if context is not None:
-            if context.enc is not enc:
-                raise ToolkitError("the context cache was computed for other prompts")
+            context.check_serves(self.model, enc)
             return self._logits_from_context(context, desc)
         out = None
-        enc = self._ensure_depth(enc, required_depth())
-        for b, cache in self._iterate(enc, desc):
+        enc = self._ensure_depth(enc, active_hooks(self.model).depth)
+        for b, cache, _ in self._iterate(enc, desc):
             logits = self.model(**self._inputs(enc, b, cache), use_cache=cache is not None,
                                 logits_to_keep=1).logits[:, -1].float().cpu()
             if out is None:
@@ -441,22 +484,23 @@ class Runner:
             out = {s: torch.zeros(shape, dtype=torch.float64) for s in sites}
         else:
             out = {s: torch.zeros((n_prompts,) + shape, dtype=torch.float32) for s in sites}
+        depth = -min(positions)
         fire = {"resid_pre": 0, "attn_out": 1, "resid_mid": 2, "mlp_out": 3, "resid_post": 4}
         last = max((l, fire[s]) for l in layers for s in sites)
 
         def make(site: str, li: int, layer: int):
             is_last = stop and (layer, fire[site]) == last
 
-            def fn(x: torch.Tensor):
-                if PHASE.value != "prompt":
+            def fn(x: torch.Tensor, ctx):
+                if not ctx.in_prompt:
                     return None
-                if x.shape[1] < len(positions) or x.shape[1] < -min(positions):
+                if x.shape[1] < len(positions) or x.shape[1] < depth:
                     raise ToolkitError(f"position {min(positions)} is beyond a prompt of {x.shape[1]} tokens")
-                sel = x[:, pos_t].float().cpu()  # [batch, n_pos, d]
+                sel = x[:, pos_t.to(x.device)].float().cpu()  # [batch, n_pos, d]
                 if reduce == "sum":
                     out[site][li] += sel.sum(0, dtype=torch.float64)
                 else:
-                    out[site][self._rows, li] = sel
+                    out[site][ctx.state.rows, li] = sel
                 if is_last:
                     raise StopForward
                 return None
@@ -464,7 +508,7 @@ class Runner:
             return fn
 
         specs = [(s, l, make(s, li, l)) for li, l in enumerate(layers) for s in sites]
-        with hooked(self.model, specs, write=False):
+        with hooked(self.model, specs, write=False, reach=Reach(depth=depth, read=True)):
             yield out
 
     def collect(self, enc: Encoded, layers: Sequence[int], sites: Sequence[str] = ("resid_pre",),
@@ -491,9 +535,9 @@ class Runner:
         """
         positions = list(positions)
         if positions and all(p < 0 for p in positions):
-            enc = self._ensure_depth(enc, max(-min(positions), required_depth()))
+            enc = self._ensure_depth(enc, max(-min(positions), active_hooks(self.model).depth))
         with self.capture(len(enc), layers, sites, positions, reduce=reduce, stop=True) as out:
-            for b, cache in self._iterate(enc, desc):
+            for b, cache, _ in self._iterate(enc, desc):
                 try:
                     self.model(**self._inputs(enc, b, cache), use_cache=cache is not None)
                 except StopForward:
@@ -521,8 +565,8 @@ class Runner:
         tok = self.lm.tokenizer
         eos = self.model.generation_config.eos_token_id
         stop = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {self.pad_id}
-        enc = self._ensure_depth(enc, required_depth())
-        for b, cache in self._iterate(enc, desc):
+        enc = self._ensure_depth(enc, active_hooks(self.model).depth)
+        for b, cache, state in self._iterate(enc, desc):
             kw = self._inputs(enc, b, cache)
             n = b.input_ids.shape[0]
             if cache is not None:
@@ -531,8 +575,8 @@ class Runner:
             kw.pop("position_ids")
             calls = {"n": 0}
 
-            def set_phase(mod, args, kwargs):
-                PHASE.value = "prompt" if calls["n"] == 0 else "generate"
+            def set_phase(mod, args, kwargs, state=state):
+                state.phase = "prompt" if calls["n"] == 0 else "generate"
                 calls["n"] += 1
 
             h = self.model.register_forward_pre_hook(set_phase, with_kwargs=True)
@@ -544,7 +588,7 @@ class Runner:
                 )
             finally:
                 h.remove()
-                PHASE.value = "prompt"
+                state.phase = "prompt"
             width = kw["input_ids"].shape[1]
             new = res.sequences[:, width:]
             for r, i in enumerate(b.index):
@@ -561,9 +605,10 @@ class Runner:
     def _continuation_from_context(self, ctx: Context, conts: list[list[int]], out: np.ndarray,
                                    desc: str) -> np.ndarray:
         """Continuations right-padded after each prompt's last token, over the cached keys/values of the rest."""
-        with self._pass():
-            for b, cache, ids, pos, mask, _ in tqdm(ctx.parts, desc=desc, disable=not self.progress, leave=False):
-                self._start(b)
+        with self._pass("continuation") as state:
+            for part in tqdm(ctx.parts, desc=desc, disable=not self.progress, leave=False):
+                b, ids, pos, mask = part.batch, part.ids, part.positions, part.mask
+                self._start(b, state)
                 lens = [len(conts[i]) for i in b.index]
                 m = max(lens)
                 if m == 0:
@@ -579,7 +624,7 @@ class Runner:
                 logits = self.model(input_ids=torch.cat([ids, tail], 1),
                                     position_ids=torch.cat([pos, pos[:, -1:] + step], 1),
                                     attention_mask=torch.cat([mask, tmask], 1),
-                                    past_key_values=copy.deepcopy(cache), use_cache=True).logits.float()
+                                    past_key_values=copy.deepcopy(part.cache), use_cache=True).logits.float()
                 logp = torch.log_softmax(logits[:, :-1], -1)  # position j predicts tail token j
                 for r, i in enumerate(b.index):
                     if lens[r]:
@@ -591,15 +636,19 @@ class Runner:
                              desc: str = "log-likelihood", context: Context | None = None) -> np.ndarray:
         """Mean per-token log-likelihood of each continuation given its prompt, in nats per token, ``[n_prompts]``.
 
-        ``log p(c_1..c_m | prompt) / m`` under whatever hooks are active (normally none: the base model judging
-        steered text, a coherence measure that does not depend on refusal). NaN for an empty continuation.
+        ``log p(c_1..c_m | prompt) / m`` under the hooks active at every position (normally none: the base model
+        judging steered text, a coherence measure that does not depend on refusal). The pass runs in the
+        ``"continuation"`` phase (:class:`toolkit.hooks.PassState`), so hooks addressed to prompt positions and
+        activation captures do not act on it: positions counted from the end of prompt + continuation are not
+        the prompt's. NaN for an empty continuation.
         One forward pass over prompt + continuation; the LM head sees only the last ``max m + 1`` positions.
         With ``context`` (from :meth:`context` on ``enc`` with ``k = 1`` and ``start_layer = 0``, computed once
         for many calls) only the last prompt token and the continuation are computed.
 
         Raises:
             ToolkitError: the number of continuations differs from the number of prompts, or a context that is
-                not for ``enc`` with ``k = 1`` and ``start_layer = 0``, or used under an active intervention.
+                not for ``enc`` with ``k = 1`` and ``start_layer = 0``, or used while an intervention (a hook that
+                is not read-only, :attr:`toolkit.hooks.ActiveHooks.writes`) is active.
         """
         if len(continuations) != len(enc):
             raise ToolkitError(f"{len(continuations)} continuations for {len(enc)} prompts")
@@ -611,11 +660,11 @@ class Runner:
         if context is not None:
             if context.enc is not enc or context.k != 1 or context.start_layer != 0:
                 raise ToolkitError("continuation_logprob needs a context for these prompts with k = 1, start layer 0")
-            if PHASE.unbounded or PHASE.depths or PHASE.layers:
+            if active_hooks(self.model).writes:  # captures are allowed: they read, and only in the prompt phase
                 raise ToolkitError("a context cache describes the unmodified model; remove interventions first")
             return self._continuation_from_context(context, conts, out, desc)
         full = Encoded([list(enc.ids[i]) + conts[i] for i in keep], enc.prefix_len)
-        for b, cache in self._iterate(full, desc):
+        for b, cache, _ in self._iterate(full, desc, phase="continuation"):
             lens = [len(conts[keep[i]]) for i in b.index]
             m = max(lens)
             logits = self.model(**self._inputs(full, b, cache), use_cache=cache is not None,
@@ -627,3 +676,15 @@ class Runner:
                 lp = logp[r, m - n :].gather(-1, target.unsqueeze(-1)).squeeze(-1)
                 out[keep[i]] = float(lp.double().mean())
         return out
+
+
+class _Skipped(torch.nn.Module):
+    """Stands in for a decoder block that a context-cached pass skips: returns its input hidden states
+    unchanged (as a 1-tuple when the real blocks return tuples)."""
+
+    def __init__(self, tuple_out: bool):
+        super().__init__()
+        self.tuple_out = tuple_out
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.tuple_out else hidden_states

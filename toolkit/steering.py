@@ -240,7 +240,7 @@ MEASURES = ("score", "refusal", "degenerate", "coherence")
 
 def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector: torch.Tensor | None = None,
             layers: Sequence[int] = (), alpha: float = 0.0, positions: Sequence[int] | None = None,
-            site: str = "resid_pre", context=None, coherence: bool = True, coherence_context=None,
+            site: str = "resid_pre", context=None, coherence_context=None,
             desc: str = "steer") -> dict:
     """Measure prompts under activation addition ``x <- x + alpha * vector`` (none when ``alpha == 0`` or no vector).
 
@@ -256,8 +256,6 @@ def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector:
         vector: ``[d_model]`` vector added (already multiplied by its scale), or None.
         layers, alpha, positions, site: as :func:`toolkit.interventions.activation_addition`.
         context: a :class:`toolkit.runner.Context` for ``enc`` (score-only passes, position-addressed steering).
-        coherence: compute coherence (False inside an activation capture, whose hooks would also record the
-            coherence pass; compute it afterwards from ``tokens``).
         coherence_context: a ``k = 1`` context for ``enc`` (``Runner.context(enc, 1)``) that makes the coherence
             pass compute only the completion's tokens.
 
@@ -286,7 +284,6 @@ def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector:
     if texts is not None:
         res["refusal"] = np.array([is_refusal(t) for t in texts], dtype=bool)
         res["degenerate"] = np.array([is_degenerate(t) for t in texts], dtype=bool)
-        if coherence:
-            res["coherence"] = runner.continuation_logprob(enc, toks, desc=f"{desc} coherence",
-                                                           context=coherence_context)
+        res["coherence"] = runner.continuation_logprob(enc, toks, desc=f"{desc} coherence",
+                                                       context=coherence_context)
     return res
