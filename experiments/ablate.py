@@ -12,7 +12,7 @@ import typer
 from toolkit.checkpoints import check_export_target, check_save_path, export_orthogonalized
 from toolkit.directions import load_direction
 from toolkit.errors import ToolkitError
-from toolkit.evaluation import evaluate
+from toolkit.evaluation import evaluate, judged
 from toolkit.interventions import directional_ablation, orthogonalize_weights
 from toolkit.models import dtype_from_name
 from toolkit.prompts import distinct_names, load_prompt_set
@@ -105,13 +105,13 @@ def ablate(
             base_b = reuse_baseline(baseline, B, ses.lm, split, gen_tokens, limit)
             base_b.logits = r.logits(eb, desc="baseline harmless logits")  # KL needs the full distribution
         else:
-            base_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="baseline harmful")
-            base_b = evaluate(r, eb, ses.refusal_ids, gen_tokens, desc="baseline harmless")
+            base_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=gen_tokens, desc="baseline harmful")
+            base_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=gen_tokens, desc="baseline harmless")
         run.time("baseline", time.time() - t0)
         t0 = time.time()
         with directional_ablation(ses.lm.model, d):
-            abl_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="ablated harmful")
-            abl_b = evaluate(r, eb, ses.refusal_ids, gen_tokens, desc="ablated harmless")
+            abl_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=gen_tokens, desc="ablated harmful")
+            abl_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=gen_tokens, desc="ablated harmless")
         run.time("ablated", time.time() - t0)
         conds = [("baseline", H, base_h, None), ("baseline", B, base_b, None),
                  ("ablated", H, abl_h, kl_or_none(abl_h, base_h)), ("ablated", B, abl_b, abl_b.kl_from(base_b))]
@@ -119,8 +119,8 @@ def ablate(
         if save is not None:
             t0 = time.time()
             ortho_info = orthogonalize_weights(ses.lm.model, d)
-            orth_h = evaluate(r, eh, ses.refusal_ids, gen_tokens, desc="orthogonalized harmful")
-            orth_b = evaluate(r, eb, ses.refusal_ids, 0, desc="orthogonalized harmless")
+            orth_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=gen_tokens, desc="orthogonalized harmful")
+            orth_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=0, desc="orthogonalized harmless")
             conds += [("orthogonalized", H, orth_h, kl_or_none(orth_h, base_h)),
                       ("orthogonalized", B, orth_b, orth_b.kl_from(base_b))]
             ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl_b.logits).abs().max())
@@ -206,4 +206,5 @@ def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit):
     scores = pd.to_numeric(df["score"], errors="coerce").to_numpy(dtype=float)
     if not np.isfinite(scores).all():
         raise ToolkitError(f"{path}: a score of {ps.name} is missing or not a number")
-    return Evaluation(None, scores, df["completion"].fillna("").astype(str).tolist(), refusals)
+    return Evaluation(None, df["completion"].fillna("").astype(str).tolist(), values={"score": scores,
+                                                                                      "refusal": refusals})

@@ -8,7 +8,7 @@ import pandas as pd
 import typer
 
 from toolkit.errors import ToolkitError
-from toolkit.evaluation import evaluate
+from toolkit.evaluation import evaluate, judged
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
@@ -45,7 +45,7 @@ def score(
         rows, summary = [], []
         for ps in loaded:
             t0 = time.time()
-            ev = evaluate(ses.runner, ses.runner.encode(ps.prompts), ses.refusal_ids, gen_tokens, desc=ps.name)
+            ev = evaluate(ses.runner, ses.runner.encode(ps.prompts), judged(ses.refusal_ids), gen_tokens=gen_tokens, desc=ps.name)
             run.time(f"score_{ps.name}", time.time() - t0)
             for i, r in enumerate(ps.records):
                 rows.append({"set": ps.name, "id": r["id"], "category": r["category"], "split": r["split"],

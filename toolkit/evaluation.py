@@ -1,14 +1,43 @@
-"""Evaluate a prompt set under whatever intervention is active: logit refusal scores, completions, judgements."""
+"""One evaluation path: run a prompt set once under an optional intervention, then compute pluggable measures.
+
+:func:`evaluate` is the only place where the toolkit turns a pass over prompts into per-prompt figures; every
+command (score, extract's selection, ablate, steer, dose-response, cones' ablation test) goes through it. A pass
+is either last-position logits (one forward pass, optionally over a :class:`toolkit.runner.Context`) or, with
+``gen_tokens > 0``, greedy generation, whose first step gives the same logits, so generating costs no extra
+prompt pass. The intervention (a hook context manager such as
+:func:`toolkit.interventions.activation_addition`) is open during that pass only; the measures are computed
+after it is closed, so a measure that runs the model again (coherence: the *unmodified* model's likelihood of
+the completion) never sees it.
+
+A measure is an object with a ``name`` (the key of its per-prompt values), a ``needs`` set naming what it reads
+(``"logits"``, ``"completions"``) and a ``compute(ev, runner, enc)`` method returning ``[n]`` values. Measures
+that need completions are skipped, and their values absent (None), when nothing was generated. The built-in
+measures:
+
+* :class:`RefusalScore` (``"score"``): Arditi et al. 2024's logit refusal score
+  (:func:`toolkit.scoring.refusal_score`).
+* :class:`MarkerJudge` (``"refusal"``): the refusal-marker judge over completions (:func:`toolkit.scoring.is_refusal`);
+  the judges of the next issue plug in here with the same interface.
+* :class:`Degeneration` (``"degenerate"``): the OBLITERATUS degeneration rule (:func:`toolkit.scoring.is_degenerate`).
+* :class:`Coherence` (``"coherence"``): mean per-token log-likelihood of the completion under the unmodified model
+  (:meth:`toolkit.runner.Runner.continuation_logprob`), nats/token.
+* :class:`KLFromBase` (``"kl"``): ``KL(base || this)`` of the next-token distribution at the last prompt position,
+  nats (:func:`toolkit.scoring.kl_divergence`), against a baseline :class:`Evaluation` of the same prompts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from .runner import Encoded, Runner
-from .scoring import is_refusal, kl_divergence, refusal_score
+from .errors import ToolkitError
+from .runner import Context, Encoded, Runner
+from .scoring import is_degenerate, is_refusal, kl_divergence, refusal_score
 
 
 @dataclass
@@ -16,33 +45,176 @@ class Evaluation:
     """Per-prompt results of one pass over a prompt set.
 
     Attributes:
-        logits: ``[n, vocab]`` float32 next-token logits at the last prompt position.
-        scores: ``[n]`` logit refusal scores (Arditi et al.).
-        completions: greedy completions, or None if no generation was asked for.
-        refusals: marker-judge verdicts ``[n]`` bool, or None.
+        logits: ``[n, vocab]`` float32 next-token logits at the last prompt position (None for a baseline read
+            back from a run, which stores no logits).
+        completions: greedy completions (text, special tokens removed), or None if nothing was generated.
+        tokens: the generated token ids per prompt, cut before the first end-of-sequence or padding token, or None.
+        values: ``{measure name: [n] array}`` for every measure computed.
     """
 
-    logits: torch.Tensor
-    scores: np.ndarray
+    logits: torch.Tensor | None
     completions: list[str] | None = None
-    refusals: np.ndarray | None = None
+    tokens: list[list[int]] | None = None
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The per-prompt values of measure ``name``, or None when it was not computed."""
+        return self.values.get(name)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """``[n]`` float64 logit refusal scores (measure ``"score"``).
+
+        Raises:
+            ToolkitError: the evaluation was made without :class:`RefusalScore`.
+        """
+        if "score" not in self.values:
+            raise ToolkitError("this evaluation has no refusal scores (no RefusalScore measure)")
+        return self.values["score"]
+
+    @property
+    def refusals(self) -> np.ndarray | None:
+        """``[n]`` bool judge verdicts (measure ``"refusal"``), or None without completions."""
+        return self.values.get("refusal")
 
     def kl_from(self, base: Evaluation) -> np.ndarray:
-        """``KL(base || self)`` per prompt at the last prompt position, nats ``[n]``."""
+        """``KL(base || self)`` per prompt at the last prompt position, nats ``[n]`` float64.
+
+        Raises:
+            ToolkitError: either side has no logits.
+        """
+        if base.logits is None or self.logits is None:
+            raise ToolkitError("KL divergence needs the logits of both evaluations")
         return kl_divergence(base.logits, self.logits).numpy()
 
 
-def evaluate(runner: Runner, enc: Encoded, refusal_ids: list[int], gen_tokens: int = 0,
-             desc: str = "evaluate") -> Evaluation:
-    """Score ``enc`` with the runner (one pass); with ``gen_tokens > 0`` also generate and judge completions.
+class Measure:
+    """A per-prompt measure computed from an :class:`Evaluation` (see the module docstring).
 
-    Interventions active around the call apply (hooks). The logits of the generation's first step are the
-    last-position logits, so generation costs no extra prompt pass.
+    Subclasses set ``name`` and ``needs`` and implement :meth:`compute`.
     """
-    if gen_tokens > 0:
-        texts, logits = runner.generate(enc, gen_tokens, desc=desc)
-        refusals = np.array([is_refusal(t) for t in texts], dtype=bool)
-    else:
-        logits, texts, refusals = runner.logits(enc, desc=desc), None, None
-    scores = refusal_score(logits, refusal_ids).numpy()
-    return Evaluation(logits, scores, texts, refusals)
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset] = frozenset({"logits"})
+
+    def compute(self, ev: Evaluation, runner: Runner, enc: Encoded) -> np.ndarray:
+        """Per-prompt values ``[n]`` for the prompts of ``enc`` (caller's order).
+
+        Args:
+            ev: the pass's logits, completions and tokens (and the values of measures listed before this one).
+            runner: the runner, for measures that run the model again (no intervention is active then).
+            enc: the encoded prompts.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RefusalScore(Measure):
+    """Arditi et al. 2024's logit refusal score per prompt (float64), from the refusal openers' token ids."""
+
+    refusal_ids: tuple[int, ...]
+    name: ClassVar[str] = "score"
+
+    def compute(self, ev, runner, enc):
+        return refusal_score(ev.logits, list(self.refusal_ids)).numpy()
+
+
+@dataclass(frozen=True)
+class MarkerJudge(Measure):
+    """Refusal-marker judge over completions (bool per prompt): :func:`toolkit.scoring.is_refusal`."""
+
+    name: ClassVar[str] = "refusal"
+    needs: ClassVar[frozenset] = frozenset({"completions"})
+
+    def compute(self, ev, runner, enc):
+        return np.array([is_refusal(t) for t in ev.completions], dtype=bool)
+
+
+@dataclass(frozen=True)
+class Degeneration(Measure):
+    """Degenerate-output verdict per completion (bool): :func:`toolkit.scoring.is_degenerate` (OBLITERATUS)."""
+
+    name: ClassVar[str] = "degenerate"
+    needs: ClassVar[frozenset] = frozenset({"completions"})
+
+    def compute(self, ev, runner, enc):
+        return np.array([is_degenerate(t) for t in ev.completions], dtype=bool)
+
+
+@dataclass(frozen=True)
+class Coherence(Measure):
+    """The unmodified model's mean log-likelihood of each completion given its prompt, nats/token (float64; NaN
+    for an empty completion). Computed after the intervention is closed, in the runner's ``continuation`` phase.
+
+    Attributes:
+        context: a ``k = 1`` :class:`toolkit.runner.Context` of the same encoding (``Runner.context(enc, 1)``),
+            computed once for many evaluations, so that only the completions' tokens are computed; or None.
+    """
+
+    context: Context | None = None
+    name: ClassVar[str] = "coherence"
+    needs: ClassVar[frozenset] = frozenset({"completions"})
+
+    def compute(self, ev, runner, enc):
+        return runner.continuation_logprob(enc, ev.tokens, desc="coherence", context=self.context)
+
+
+@dataclass(frozen=True)
+class KLFromBase(Measure):
+    """``KL(base || this)`` per prompt at the last prompt position, nats (float64), against ``base``: an
+    :class:`Evaluation` of the same prompts without the intervention."""
+
+    base: Evaluation
+    name: ClassVar[str] = "kl"
+
+    def compute(self, ev, runner, enc):
+        return ev.kl_from(self.base)
+
+
+def judged(refusal_ids: Sequence[int]) -> tuple[Measure, ...]:
+    """The measures every refusal evaluation reports: the logit refusal score and the marker judge (the judge
+    acts only where completions are generated)."""
+    return RefusalScore(tuple(int(i) for i in refusal_ids)), MarkerJudge()
+
+
+def evaluate(runner: Runner, enc: Encoded, measures: Sequence[Measure], *, gen_tokens: int = 0,
+             intervention: contextlib.AbstractContextManager | None = None, context: Context | None = None,
+             desc: str = "evaluate") -> Evaluation:
+    """Run ``enc`` once (under ``intervention`` if given) and compute ``measures`` in order.
+
+    Args:
+        runner: the runner.
+        enc: encoded prompts (``Runner.encode``).
+        measures: what to compute (see the module docstring); measures that need completions are skipped when
+            ``gen_tokens == 0``.
+        gen_tokens: greedy completion length; 0 computes last-position logits only.
+        intervention: a context manager (e.g. ``activation_addition(...)``, not yet entered) open during the pass
+            and closed before the measures run. Interventions already active around the call apply as well.
+        context: a :class:`toolkit.runner.Context` for ``enc``, used by a logits-only pass (an intervention at the
+            last ``k`` prompt positions then computes only those tokens).
+        desc: progress-bar label.
+
+    Returns:
+        :class:`Evaluation` with logits, completions and tokens (with ``gen_tokens > 0``), and the measures'
+        values.
+
+    Raises:
+        ToolkitError: ``gen_tokens < 0``, two measures of one name, and whatever the runner or the intervention
+            raise (bad positions, layers, a context that cannot serve the intervention).
+    """
+    if gen_tokens < 0:
+        raise ToolkitError(f"gen_tokens must be >= 0, got {gen_tokens}")
+    names = [m.name for m in measures]
+    if len(set(names)) != len(names):
+        raise ToolkitError(f"two measures named {next(n for n in names if names.count(n) > 1)!r}")
+    with intervention if intervention is not None else contextlib.nullcontext():
+        if gen_tokens > 0:
+            texts, logits, toks = runner.generate(enc, gen_tokens, desc=desc, with_tokens=True)
+        else:
+            logits, texts, toks = runner.logits(enc, desc=desc, context=context), None, None
+    ev = Evaluation(logits, texts, toks)
+    for m in measures:
+        if "completions" in m.needs and texts is None:
+            continue
+        ev.values[m.name] = m.compute(ev, runner, enc)
+    return ev

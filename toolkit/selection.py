@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from .errors import ToolkitError
-from .evaluation import Evaluation, evaluate
+from .evaluation import Evaluation, evaluate, judged
 from .hooks import check_layer
 from .interventions import activation_addition, directional_ablation
 from .runner import Encoded, Runner
@@ -125,8 +125,9 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
     n_layers_model = runner.lm.n_layers
     t = {}
     t0 = time.time()
-    base_h = evaluate(runner, harmful_val, refusal_ids, cfg.judge_tokens, desc="baseline harmful val")
-    base_b = evaluate(runner, harmless_val, refusal_ids, 0, desc="baseline harmless val")
+    base_h = evaluate(runner, harmful_val, judged(refusal_ids), gen_tokens=cfg.judge_tokens,
+                      desc="baseline harmful val")
+    base_b = evaluate(runner, harmless_val, judged(refusal_ids), desc="baseline harmless val")
     t["baseline"] = time.time() - t0
     refused = np.flatnonzero(base_h.refusals)
     if len(refused) == 0:
@@ -150,8 +151,8 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
 
     def ablated(enc: Encoded, i: int, gen: int = 0, desc: str = "") -> Evaluation:
         d = dirs[int(df.at[i, "_li"]), int(df.at[i, "_pi"])].float()
-        with directional_ablation(runner.model, d):
-            return evaluate(runner, enc, refusal_ids, gen, desc=desc)
+        return evaluate(runner, enc, judged(refusal_ids), gen_tokens=gen, desc=desc,
+                        intervention=directional_ablation(runner.model, d))
 
     # Stage 2: screening
     t0 = time.time()
@@ -190,8 +191,9 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
         ev_h = ablated(harmful_val, i, cfg.judge_tokens if cfg.select_by == "judge" else 0, desc=f"bypass {n_tried}")
         if ev_h.refusals is not None:
             df.at[i, "judge_refusal"] = float(ev_h.refusals.mean())
-        with activation_addition(runner.model, dirs[li, pi].float(), [int(df.at[i, "layer"])], alpha=1.0):
-            ev_i = evaluate(runner, harmless_val, refusal_ids, 0, desc=f"induce {n_tried}")
+        ev_i = evaluate(runner, harmless_val, judged(refusal_ids), desc=f"induce {n_tried}",
+                        intervention=activation_addition(runner.model, dirs[li, pi].float(),
+                                                         [int(df.at[i, "layer"])], alpha=1.0))
         df.loc[i, ["bypass", "induce"]] = [float(ev_h.scores.mean()), float(ev_i.scores.mean())]
         df.at[i, "status"] = "filtered: NaN" if not np.isfinite(df.loc[i, ["bypass", "induce"]].astype(float)).all() \
             else "measured"
@@ -287,10 +289,10 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
                                f"({post[0]}..{post[-1]})")
         positions = sorted(set(positions))
     with runner.capture(len(harmful), layers, ["resid_pre"], positions) as acts_h:
-        ev_h = evaluate(runner, harmful, refusal_ids, judge_tokens if filter_by == "judge" else 0,
+        ev_h = evaluate(runner, harmful, judged(refusal_ids), gen_tokens=judge_tokens if filter_by == "judge" else 0,
                         desc="harmful train")
     with runner.capture(len(harmless), layers, ["resid_pre"], positions) as acts_b:
-        ev_b = evaluate(runner, harmless, refusal_ids, 0, desc="harmless train")
+        ev_b = evaluate(runner, harmless, judged(refusal_ids), desc="harmless train")
     if filter_by == "judge":
         keep_h = np.flatnonzero(ev_h.refusals)
     elif filter_by == "score":

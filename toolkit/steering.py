@@ -266,24 +266,13 @@ def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector:
     Raises:
         ToolkitError: from the runner or the intervention (bad positions, sites, layers).
     """
+    from .evaluation import Coherence, Degeneration, evaluate, judged
     from .interventions import activation_addition
-    from .scoring import is_degenerate, is_refusal, refusal_score
 
-    stack = contextlib.ExitStack()
-    if vector is not None and alpha != 0:
-        stack.enter_context(activation_addition(runner.model, vector, list(layers), alpha=alpha,
-                                                positions=positions, site=site))
-    with stack:
-        if gen_tokens > 0:
-            texts, logits, toks = runner.generate(enc, gen_tokens, desc=desc, with_tokens=True)
-        else:
-            logits = runner.logits(enc, desc=desc, context=context if positions is not None else None)
-            texts = toks = None
-    res = {"score": refusal_score(logits, refusal_ids).numpy(), "refusal": None, "degenerate": None,
-           "coherence": None, "completion": texts, "tokens": toks}
-    if texts is not None:
-        res["refusal"] = np.array([is_refusal(t) for t in texts], dtype=bool)
-        res["degenerate"] = np.array([is_degenerate(t) for t in texts], dtype=bool)
-        res["coherence"] = runner.continuation_logprob(enc, toks, desc=f"{desc} coherence",
-                                                       context=coherence_context)
-    return res
+    steer = activation_addition(runner.model, vector, list(layers), alpha=alpha, positions=positions, site=site) \
+        if vector is not None and alpha != 0 else None
+    ev = evaluate(runner, enc, [*judged(refusal_ids), Degeneration(), Coherence(coherence_context)],
+                  gen_tokens=gen_tokens, intervention=steer, context=context if positions is not None else None,
+                  desc=desc)
+    return {"score": ev.scores, "refusal": ev.get("refusal"), "degenerate": ev.get("degenerate"),
+            "coherence": ev.get("coherence"), "completion": ev.completions, "tokens": ev.tokens}
