@@ -139,7 +139,8 @@ def _synthetic(offsets: torch.Tensor, n: int = 20, noise: float = 0.1, seed: int
 
 
 def _label(dist: dict, layer: int = 0) -> str:
-    from toolkit.geometry import basic_interval, permutation_p, polyhedral_share
+    from toolkit.geometry import permutation_p, polyhedral_share
+    from toolkit.stats import basic_interval
 
     P, B, N = dist["point"], dist["boot"], dist["null"]
     lo, hi = basic_interval(P["mean_abs_cos"], B["mean_abs_cos"])
