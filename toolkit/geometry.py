@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ToolkitError
-from .stats.bootstrap import bootstrap
+from .stats.resampling import bootstrap
 
 #: OBLITERATUS's label thresholds (mean pairwise |cos| and entropy effective rank of the category directions).
 LINEAR_MIN_COS, LINEAR_MAX_DIM = 0.9, 1.5
@@ -446,7 +446,7 @@ def cone_distributions(harmful, labels: Sequence, harmless, *, n_boot: int = 200
 
     * Point estimate: categories as labelled.
     * Bootstrap: prompts resampled with replacement within each category and within the harmless set (a
-      stratified bootstrap), through :func:`toolkit.stats.bootstrap.bootstrap`: each category's prompt indices
+      stratified bootstrap), through :func:`toolkit.stats.resampling.bootstrap`: each category's prompt indices
       and the harmless set's are separate samples of ``scipy.stats.bootstrap`` with ``paired=False``, which
       resamples each sample independently of the others, i.e. within its stratum (seeded by ``seed``; 16
       resamples per batch).

@@ -65,7 +65,7 @@ from .errors import ToolkitError
 from .hooks import HEAD_SITE, PHASE, SITES, check_layer, decoder_layers, hooked
 from .runner import Context, Encoded, Runner
 from .scoring import refusal_score
-from .stats.bootstrap import bootstrap
+from .stats.resampling import bootstrap
 
 PATCH_SITES = SITES + (HEAD_SITE,)
 DIRECTIONS = ("denoise", "noise")
@@ -701,10 +701,10 @@ def normalised_effect(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarra
     baseline, 1 the clean one (Heimersheim & Nanda 2024; a ratio of means rather than a mean of per-pair ratios,
     which is unstable when a pair's clean and corrupt scores are close). The bootstrap resamples pairs with
     replacement (the same pairs for patched, clean and corrupt) ``n_boot`` times through
-    :func:`toolkit.stats.bootstrap.bootstrap` (``scipy.stats.bootstrap`` on the pair indices, seeded by
+    :func:`toolkit.stats.resampling.bootstrap` (``scipy.stats.bootstrap`` on the pair indices, seeded by
     ``seed``); each resample is applied as averaging weights, so all components share one matrix product. A
     resample whose clean and corrupt means coincide has no ratio (NaN) and is left out of the interval
-    (:func:`toolkit.stats.bootstrap.percentile_interval`).
+    (:func:`toolkit.stats.resampling.percentile_interval`).
 
     Args:
         patched: ``[n_components, n_pairs]`` patched scores.

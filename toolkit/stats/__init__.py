@@ -5,7 +5,7 @@
   adjustment, the random-direction control of a steering effect.
 * :mod:`~toolkit.stats.dose`: logistic dose-response fits with ED50, cluster-bootstrap intervals and the
   therapeutic index.
-* :mod:`~toolkit.stats.bootstrap`: the toolkit's one bootstrap (``scipy.stats.bootstrap``) and its percentile
+* :mod:`~toolkit.stats.resampling`: the toolkit's one bootstrap (``scipy.stats.bootstrap``) and its percentile
   and basic intervals.
 * :mod:`~toolkit.stats.seeds`: aggregation of one experiment over seeds.
 * :mod:`~toolkit.stats.checks`: input checks shared by the above.
@@ -13,11 +13,11 @@
 The public names are re-exported here: ``from toolkit.stats import X``.
 """
 
-from .bootstrap import Bootstrap, basic_interval, bootstrap, percentile_interval
 from .dose import LogisticFit, bootstrap_ed50, ed50, logistic_fit, therapeutic_index
 from .hypothesis import (CORRECTIONS, adjust_pvalues, cohen_d, mcnemar_exact, paired_ttest, random_control,
                          welch_ttest)
 from .rates import mean_summary, rate_ci, rate_summary
+from .resampling import Bootstrap, basic_interval, bootstrap, percentile_interval
 from .seeds import aggregate_seeds, as_float, normalize_key
 
 __all__ = ["Bootstrap", "CORRECTIONS", "LogisticFit", "adjust_pvalues", "aggregate_seeds", "as_float",

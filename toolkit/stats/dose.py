@@ -1,6 +1,6 @@
 """Dose-response: logistic fits (statsmodels binomial GLM), the ED50 inside a dose grid, its cluster-bootstrap
 interval over prompts, and the therapeutic index and window of a steering dose (harmful refusal against benign
-over-refusal). Resampling goes through :func:`toolkit.stats.bootstrap.bootstrap`."""
+over-refusal). Resampling goes through :func:`toolkit.stats.resampling.bootstrap`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ToolkitError
-from .bootstrap import bootstrap
+from .resampling import bootstrap
 from .checks import _flags, _values
 
 

@@ -1,4 +1,4 @@
-"""The one bootstrap (:mod:`toolkit.stats.bootstrap`) against direct ``scipy.stats.bootstrap`` calls, its interval
+"""The one bootstrap (:mod:`toolkit.stats.resampling`) against direct ``scipy.stats.bootstrap`` calls, its interval
 rules, and Cohen's d (:func:`toolkit.stats.cohen_d`)."""
 
 from __future__ import annotations
