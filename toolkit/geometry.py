@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ToolkitError
-from .stats.resampling import bootstrap
+from .stats.resampling import averaging_weights, bootstrap
 
 #: OBLITERATUS's label thresholds (mean pairwise |cos| and entropy effective rank of the category directions).
 LINEAR_MIN_COS, LINEAR_MAX_DIM = 0.9, 1.5
@@ -434,10 +434,7 @@ def _batched_figures(diffs: torch.Tensor) -> dict:
 
 def _weights(groups: list[np.ndarray], n: int) -> torch.Tensor:
     """Averaging weights ``[len(groups), n]`` (float64): row ``i`` averages ``x[groups[i]]`` (repeats counted)."""
-    w = np.zeros((len(groups), n))
-    for i, idx in enumerate(groups):
-        np.add.at(w[i], idx, 1.0 / len(idx))
-    return torch.from_numpy(w)
+    return torch.from_numpy(np.concatenate([averaging_weights(np.asarray(idx)[None], n) for idx in groups]))
 
 
 def cone_distributions(harmful, labels: Sequence, harmless, *, n_boot: int = 200, n_null: int = 200,
@@ -505,13 +502,8 @@ def cone_distributions(harmful, labels: Sequence, harmless, *, n_boot: int = 200
         every figure flattened, ``[n_figures, batch]``."""
         *cat_idx, g_idx = resampled
         b = g_idx.shape[0]
-        rows = np.arange(b)[:, None]
-        w_h = np.zeros((b, len(cats), n_h))
-        for c, idx in enumerate(cat_idx):
-            np.add.at(w_h[:, c], (rows, idx), 1.0 / idx.shape[1])
-        w_g = np.zeros((b, n_g))
-        np.add.at(w_g, (rows, g_idx), 1.0 / n_g)
-        f = figures(torch.from_numpy(w_h), torch.from_numpy(w_g) @ Gf)
+        w_h = np.stack([averaging_weights(idx, n_h) for idx in cat_idx], axis=1)  # [batch, k, n_h]
+        f = figures(torch.from_numpy(w_h), torch.from_numpy(averaging_weights(g_idx, n_g)) @ Gf)
         return np.concatenate([f[k].reshape(b, -1) for k in names], axis=1).T
 
     boot = {}

@@ -65,7 +65,7 @@ from .errors import ToolkitError
 from .hooks import HEAD_SITE, PHASE, SITES, check_layer, decoder_layers, hooked
 from .runner import Context, Encoded, Runner
 from .scoring import refusal_score
-from .stats.resampling import bootstrap
+from .stats.resampling import averaging_weights, bootstrap
 
 PATCH_SITES = SITES + (HEAD_SITE,)
 DIRECTIONS = ("denoise", "noise")
@@ -734,8 +734,7 @@ def normalised_effect(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarra
     if n_boot > 0 and n > 1:
         def ratio(idx: np.ndarray, axis: int = -1) -> np.ndarray:
             """Resampled pair indices ``[batch, n_pairs]`` -> normalised effects ``[n_components, batch]``."""
-            w = np.zeros(idx.shape)
-            np.add.at(w, (np.arange(idx.shape[0])[:, None], idx), 1.0 / n)  # resample weights [batch, n_pairs]
+            w = averaging_weights(idx, n)  # [batch, n_pairs]
             pm, cl, co = patched @ w.T, w @ clean, w @ corrupt  # [C, batch], [batch], [batch]
             with np.errstate(divide="ignore", invalid="ignore"):
                 r = (pm - co) / (cl - co)

@@ -17,10 +17,10 @@ from .dose import LogisticFit, bootstrap_ed50, ed50, logistic_fit, therapeutic_i
 from .hypothesis import (CORRECTIONS, adjust_pvalues, cohen_d, mcnemar_exact, paired_ttest, random_control,
                          welch_ttest)
 from .rates import mean_summary, rate_ci, rate_summary
-from .resampling import Bootstrap, basic_interval, bootstrap, percentile_interval
+from .resampling import Bootstrap, averaging_weights, basic_interval, bootstrap, percentile_interval
 from .seeds import aggregate_seeds, as_float, normalize_key
 
 __all__ = ["Bootstrap", "CORRECTIONS", "LogisticFit", "adjust_pvalues", "aggregate_seeds", "as_float",
-           "basic_interval", "bootstrap", "bootstrap_ed50", "cohen_d", "ed50", "logistic_fit", "mcnemar_exact",
-           "mean_summary", "normalize_key", "paired_ttest", "percentile_interval", "random_control", "rate_ci",
-           "rate_summary", "therapeutic_index", "welch_ttest"]
+           "averaging_weights", "basic_interval", "bootstrap", "bootstrap_ed50", "cohen_d", "ed50", "logistic_fit",
+           "mcnemar_exact", "mean_summary", "normalize_key", "paired_ttest", "percentile_interval", "random_control",
+           "rate_ci", "rate_summary", "therapeutic_index", "welch_ttest"]

@@ -100,6 +100,16 @@ def bootstrap(data: Sequence, statistic: Callable, *, n_resamples: int, seed: in
     return Bootstrap(dist, low, high)
 
 
+def averaging_weights(idx, n: int) -> np.ndarray:
+    """Averaging weights of resampled indices: ``idx [batch, m]`` (values in ``[0, n)``) -> ``[batch, n]``
+    float64 where row ``b`` holds ``count / m`` for each index drawn in resample ``b``, so ``weights @ x`` is the
+    mean of each resample of ``x [n, ...]`` (one matrix product for all resamples instead of a gather)."""
+    idx = np.asarray(idx)
+    w = np.zeros((idx.shape[0], n))
+    np.add.at(w, (np.arange(idx.shape[0])[:, None], idx), 1.0 / idx.shape[1])
+    return w
+
+
 def percentile_interval(samples, confidence: float = 0.95, axis: int = 0):
     """Percentile interval of a bootstrap (or null) distribution along ``axis``.
 
