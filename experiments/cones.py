@@ -15,13 +15,12 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 from toolkit.errors import ToolkitError
-from toolkit.geometry import (LINEAR_MAX_DIM, LINEAR_MIN_COS, POLY_MAX_COS, POLY_MIN_DIM, basic_interval,
-                              cone_distributions, cone_label, contrast_layers, kmeans_scan, percentile_interval,
-                              permutation_p, polyhedral_share)
+from toolkit.geometry import (LINEAR_MAX_DIM, LINEAR_MIN_COS, POLY_MAX_COS, POLY_MIN_DIM, cone_distributions,
+                              cone_label, contrast_layers, kmeans_scan, permutation_p, polyhedral_share)
 from toolkit.hooks import SITES
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
-from toolkit.stats import mean_summary, rate_summary
+from toolkit.stats import basic_interval, mean_summary, percentile_interval, rate_summary
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
                      console, handle_errors, layer_list, open_session, out, parse_layers, residuals)

@@ -13,8 +13,8 @@ from rich.table import Table
 
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
-from toolkit.projection import (METHODS, PACMAP_NEIGHBORS, check_colors, check_method, default_colors, draw_frames,
-                                min_points, project_layers, write_gif)
+from toolkit.plots import check_colors, default_colors, draw_frames, write_gif
+from toolkit.projection import METHODS, PACMAP_NEIGHBORS, check_method, min_points, project_layers
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 

@@ -139,7 +139,8 @@ def _synthetic(offsets: torch.Tensor, n: int = 20, noise: float = 0.1, seed: int
 
 
 def _label(dist: dict, layer: int = 0) -> str:
-    from toolkit.geometry import basic_interval, permutation_p, polyhedral_share
+    from toolkit.geometry import permutation_p, polyhedral_share
+    from toolkit.stats import basic_interval
 
     P, B, N = dist["point"], dist["boot"], dist["null"]
     lo, hi = basic_interval(P["mean_abs_cos"], B["mean_abs_cos"])
@@ -168,6 +169,33 @@ def test_cones_of_pure_noise_are_indistinguishable_from_random_groups():
     H, labels, G = _synthetic(torch.ones(3, 16) * 0.5, noise=1.0)
     dist = cone_distributions(H, labels, G, n_boot=50, n_null=50, seed=0)
     assert _label(dist) in ("indistinguishable from random groups", "linear")
+
+
+def test_cone_bootstrap_resamples_within_categories_and_the_harmless_set():
+    """The boot figures equal scipy.stats.bootstrap's, drawn directly: each category's prompts and the harmless
+    prompts are separate samples (resampled independently, i.e. within their stratum), 16 resamples per batch,
+    and each resample's figures are :func:`cone_figures` of the resampled means."""
+    from scipy import stats as st
+
+    H, labels, G = _synthetic(torch.eye(3, 8) + 0.5, n=6, noise=0.5)
+    dist = cone_distributions(H, labels, G, n_boot=40, n_null=0, seed=3)
+    lab = np.asarray(labels)
+    groups = [np.flatnonzero(lab == c) for c in dist["categories"]]
+
+    def figures(*resampled, axis=-1):
+        *cats, g = resampled
+        out = []
+        for r in range(g.shape[0]):
+            f = [cone_figures(torch.stack([H[c[r], layer].mean(0) for c in cats]), G[g[r], layer].mean(0))
+                 for layer in range(H.shape[1])]
+            out.append([[x.mean_abs_cos, x.dim] for x in f])
+        return np.moveaxis(np.asarray(out), 0, -1)  # [L, 2, batch]
+
+    ref = st.bootstrap((*groups, np.arange(len(G))), figures, n_resamples=40, batch=16, vectorized=True,
+                       method="percentile", rng=np.random.default_rng(3)).bootstrap_distribution
+    np.testing.assert_allclose(dist["boot"]["mean_abs_cos"], ref[:, 0].T, atol=1e-9)
+    np.testing.assert_allclose(dist["boot"]["dim"], ref[:, 1].T, atol=1e-9)
+    assert dist["null"] == {}
 
 
 def test_cone_errors():

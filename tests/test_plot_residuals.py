@@ -12,8 +12,8 @@ from PIL import Image
 
 from test_cli import assert_ok, assert_usage_error, entries, invoke, tiny_files
 from toolkit.errors import ToolkitError
-from toolkit.projection import (Frame, default_colors, draw_frames, orient, pacmap_neighbors, project_layers,
-                                project_pca, separation, write_gif)
+from toolkit.plots import default_colors, draw_frames, write_gif
+from toolkit.projection import Frame, orient, pacmap_neighbors, project_layers, project_pca, separation
 
 FAST = ["--quiet", "--batch-size", "4"]
 N_LAYERS = 4

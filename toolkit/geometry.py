@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ToolkitError
+from .stats.resampling import averaging_weights, bootstrap
 
 #: OBLITERATUS's label thresholds (mean pairwise |cos| and entropy effective rank of the category directions).
 LINEAR_MIN_COS, LINEAR_MAX_DIM = 0.9, 1.5
@@ -70,11 +71,6 @@ def cosine_matrix(vectors) -> torch.Tensor:
     """
     u = unit_rows(vectors)
     return (u @ u.T).clamp(-1.0, 1.0)
-
-
-def singular_values(vectors) -> torch.Tensor:
-    """Singular values of the ``[k, d]`` matrix, descending, ``[min(k, d)]`` float64."""
-    return torch.linalg.svdvals(_rows(vectors))
 
 
 def effective_rank(vectors, *, normalise: bool = True) -> float:
@@ -438,10 +434,7 @@ def _batched_figures(diffs: torch.Tensor) -> dict:
 
 def _weights(groups: list[np.ndarray], n: int) -> torch.Tensor:
     """Averaging weights ``[len(groups), n]`` (float64): row ``i`` averages ``x[groups[i]]`` (repeats counted)."""
-    w = np.zeros((len(groups), n))
-    for i, idx in enumerate(groups):
-        np.add.at(w[i], idx, 1.0 / len(idx))
-    return torch.from_numpy(w)
+    return torch.from_numpy(np.concatenate([averaging_weights(np.asarray(idx)[None], n) for idx in groups]))
 
 
 def cone_distributions(harmful, labels: Sequence, harmless, *, n_boot: int = 200, n_null: int = 200,
@@ -449,9 +442,14 @@ def cone_distributions(harmful, labels: Sequence, harmless, *, n_boot: int = 200
     """Cone figures at every layer with bootstrap and random-split-null distributions.
 
     * Point estimate: categories as labelled.
-    * Bootstrap: prompts resampled with replacement within each category and within the harmless set.
-    * Null: the harmful prompts' labels permuted (groups of the same sizes drawn at random), no bootstrap; what
-      the figures look like when the "categories" differ only by sampling noise (a permutation test).
+    * Bootstrap: prompts resampled with replacement within each category and within the harmless set (a
+      stratified bootstrap), through :func:`toolkit.stats.resampling.bootstrap`: each category's prompt indices
+      and the harmless set's are separate samples of ``scipy.stats.bootstrap`` with ``paired=False``, which
+      resamples each sample independently of the others, i.e. within its stratum (seeded by ``seed``; 16
+      resamples per batch).
+    * Null: the harmful prompts' labels permuted (groups of the same sizes drawn at random with
+      ``numpy.random.default_rng(seed)``), no bootstrap; what the figures look like when the "categories" differ
+      only by sampling noise (a permutation test).
 
     Args:
         harmful: ``[n_harmful, n_layers, d_model]`` residuals.
@@ -466,8 +464,9 @@ def cone_distributions(harmful, labels: Sequence, harmless, *, n_boot: int = 200
         ``cos [L, k, k]`` and the resampled ones have a leading ``[R]`` axis (empty dict when R = 0).
 
     Raises:
-        ToolkitError: fewer than two categories, a category with fewer than two prompts, mismatched shapes, or a
-            layer where a category's mean equals the harmless mean.
+        ToolkitError: fewer than two categories, a category with fewer than two prompts, fewer than two harmless
+            prompts with ``n_boot > 0``, mismatched shapes, or a layer where a category's mean equals the harmless
+            mean.
     """
     H, G = _as64(harmful), _as64(harmless)
     if H.ndim != 3 or G.ndim != 3 or H.shape[1:] != G.shape[1:]:
@@ -483,8 +482,10 @@ def cone_distributions(harmful, labels: Sequence, harmless, *, n_boot: int = 200
     if small:
         raise ToolkitError(f"categories with fewer than two prompts: {', '.join(small)}")
     n_h, n_layers, d = H.shape
-    Hf, Gf = H.reshape(n_h, -1), G.reshape(G.shape[0], -1)
-    rng = np.random.default_rng(seed)
+    n_g = G.shape[0]
+    if n_boot > 0 and n_g < 2:
+        raise ToolkitError(f"the bootstrap needs at least two harmless prompts, got {n_g}")
+    Hf, Gf = H.reshape(n_h, -1), G.reshape(n_g, -1)
     sizes = [len(g) for g in groups]
 
     def figures(w_h: torch.Tensor, g_mean: torch.Tensor) -> dict:
@@ -494,54 +495,40 @@ def cone_distributions(harmful, labels: Sequence, harmless, *, n_boot: int = 200
         return _batched_figures(diffs)
 
     point = {k: v[0] for k, v in figures(_weights(groups, n_h)[None], Gf.mean(0)[None]).items()}
+    names = list(point)
 
-    def run(n: int, draw) -> dict:
-        parts, chunk = [], 16
-        for s in range(0, n, chunk):
-            m = min(chunk, n - s)
-            w, g = zip(*(draw() for _ in range(m)))
-            parts.append(figures(torch.stack(w), torch.stack(g)))
-            if progress:
-                progress(m)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    def boot_statistic(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
+        """Resampled harmful-prompt indices per category ``[batch, n_c]`` and harmless indices ``[batch, n_g]`` ->
+        every figure flattened, ``[n_figures, batch]``."""
+        *cat_idx, g_idx = resampled
+        b = g_idx.shape[0]
+        w_h = np.stack([averaging_weights(idx, n_h) for idx in cat_idx], axis=1)  # [batch, k, n_h]
+        f = figures(torch.from_numpy(w_h), torch.from_numpy(averaging_weights(g_idx, n_g)) @ Gf)
+        return np.concatenate([f[k].reshape(b, -1) for k in names], axis=1).T
 
-    def boot_draw():
-        g_idx = rng.integers(0, Gf.shape[0], size=Gf.shape[0])
-        return (_weights([rng.choice(g, size=len(g), replace=True) for g in groups], n_h),
-                Gf[torch.from_numpy(g_idx)].mean(0))
+    boot = {}
+    if n_boot > 0:
+        dist = bootstrap((*groups, np.arange(n_g)), boot_statistic, n_resamples=n_boot, seed=seed,
+                         vectorized=True, batch=16, progress=progress).distribution  # [n_figures, n_boot]
+        start = 0
+        for k in names:
+            size = int(np.prod(point[k].shape))
+            boot[k] = dist[start:start + size].T.reshape(n_boot, *point[k].shape)
+            start += size
 
+    rng = np.random.default_rng(seed)
     g_mean = Gf.mean(0)
     cuts = np.cumsum([0] + sizes)
-
-    def null_draw():
-        perm = rng.permutation(n_h)
-        return _weights([perm[cuts[i]:cuts[i + 1]] for i in range(len(sizes))], n_h), g_mean
-
-    boot = run(n_boot, boot_draw)
-    null = run(n_null, null_draw)
+    null_parts, chunk = [], 16
+    for s in range(0, n_null, chunk):
+        m = min(chunk, n_null - s)
+        perms = [rng.permutation(n_h) for _ in range(m)]
+        w = torch.stack([_weights([p[cuts[i]:cuts[i + 1]] for i in range(len(sizes))], n_h) for p in perms])
+        null_parts.append(figures(w, g_mean[None].expand(m, -1)))
+        if progress:
+            progress(m)
+    null = {k: np.concatenate([p[k] for p in null_parts]) for k in null_parts[0]} if null_parts else {}
     return {"categories": cats, "sizes": sizes, "point": point, "boot": boot, "null": null}
-
-
-def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval along axis 0: ``[R, ...] -> ([...], [...])`` ((None, None) when there are no samples)."""
-    if samples is None or len(samples) == 0:
-        return None, None
-    a = (1 - confidence) / 2
-    return np.quantile(samples, a, axis=0), np.quantile(samples, 1 - a, axis=0)
-
-
-def basic_interval(point: np.ndarray, samples: np.ndarray, confidence: float = 0.95
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Basic (reverse-percentile) bootstrap interval ``[2 t - q_hi, 2 t - q_lo]`` (Davison & Hinkley 1997, 5.2).
-
-    Used for cone figures because noise in category means biases cosines down and effective rank up, and the
-    bootstrap adds that bias once more: percentile intervals then sit beside the point estimate, the basic
-    interval corrects the bias to first order. ``(None, None)`` without samples.
-    """
-    lo, hi = percentile_interval(samples, confidence)
-    if lo is None:
-        return None, None
-    return 2 * point - hi, 2 * point - lo
 
 
 def permutation_p(point: np.ndarray, null: np.ndarray, *, lower: bool) -> np.ndarray:

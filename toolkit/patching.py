@@ -65,6 +65,7 @@ from .errors import ToolkitError
 from .hooks import HEAD_SITE, SITES, Reach, check_layer, decoder_layers, hooked
 from .runner import Context, ContextPart, Encoded, Runner
 from .scoring import refusal_score
+from .stats.resampling import averaging_weights, bootstrap
 
 PATCH_SITES = SITES + (HEAD_SITE,)
 DIRECTIONS = ("denoise", "noise")
@@ -689,8 +690,11 @@ def normalised_effect(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarra
     ``normalised = (mean(patched) - mean(corrupt)) / (mean(clean) - mean(corrupt))``: 0 is the corrupted
     baseline, 1 the clean one (Heimersheim & Nanda 2024; a ratio of means rather than a mean of per-pair ratios,
     which is unstable when a pair's clean and corrupt scores are close). The bootstrap resamples pairs with
-    replacement (the same pairs for patched, clean and corrupt) ``n_boot`` times with ``numpy``'s generator
-    seeded by ``seed``.
+    replacement (the same pairs for patched, clean and corrupt) ``n_boot`` times through
+    :func:`toolkit.stats.resampling.bootstrap` (``scipy.stats.bootstrap`` on the pair indices, seeded by
+    ``seed``); each resample is applied as averaging weights, so all components share one matrix product. A
+    resample whose clean and corrupt means coincide has no ratio (NaN) and is left out of the interval
+    (:func:`toolkit.stats.resampling.percentile_interval`).
 
     Args:
         patched: ``[n_components, n_pairs]`` patched scores.
@@ -718,15 +722,15 @@ def normalised_effect(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarra
     lo = np.full(len(mean), np.nan)
     hi = np.full(len(mean), np.nan)
     if n_boot > 0 and n > 1:
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, n, size=(n_boot, n))
-        w = np.zeros((n_boot, n))
-        np.add.at(w, (np.arange(n_boot)[:, None], idx), 1.0 / n)  # resample weights [n_boot, n_pairs]
-        pm, cl, co = patched @ w.T, w @ clean, w @ corrupt  # [C, n_boot], [n_boot], [n_boot]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = (pm - co) / (cl - co)
-        r[~np.isfinite(r)] = np.nan
-        a = (1 - level) / 2 * 100
-        with np.errstate(all="ignore"):
-            lo, hi = np.nanpercentile(r, [a, 100 - a], axis=1)
+        def ratio(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+            """Resampled pair indices ``[batch, n_pairs]`` -> normalised effects ``[n_components, batch]``."""
+            w = averaging_weights(idx, n)  # [batch, n_pairs]
+            pm, cl, co = patched @ w.T, w @ clean, w @ corrupt  # [C, batch], [batch], [batch]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r = (pm - co) / (cl - co)
+            r[~np.isfinite(r)] = np.nan
+            return r
+
+        res = bootstrap((np.arange(n),), ratio, n_resamples=n_boot, seed=seed, confidence=level, vectorized=True)
+        lo, hi = res.low, res.high
     return {"mean_score": mean, "normalised": norm, "ci_low": lo, "ci_high": hi, "gap": np.asarray(gap)}

@@ -1,11 +1,19 @@
-"""Figures (matplotlib with seaborn styling, Agg backend: files only, no window ever opens)."""
+"""Figures (matplotlib with seaborn styling, Agg backend: files only, no window ever opens), including the
+per-layer pictures of residual projections (:mod:`toolkit.projection`) and their animated GIF (Pillow)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from .errors import ToolkitError
+
+if TYPE_CHECKING:
+    from .projection import Frame
 
 
 def _plt():
@@ -263,4 +271,139 @@ def heads_heatmap(summary: pd.DataFrame, path: Path, title: str, value: str = "n
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------- residual projections
+def default_colors(n: int) -> list[str]:
+    """``n`` colours from seaborn's ``deep`` palette as hex: blue for the reference set, red for the second
+    (harmless blue / harmful red), then green, orange, purple, brown, pink, grey, olive, cyan (repeating)."""
+    import seaborn as sns
+
+    deep = sns.color_palette("deep", 10).as_hex()
+    order = [0, 3, 2, 1, 4, 5, 6, 7, 8, 9]
+    return [deep[order[i % 10]] for i in range(n)]
+
+
+def check_colors(colors: Sequence[str]) -> list[str]:
+    """Validate matplotlib colour specifications (names like ``tab:red``, hex ``#1f77b4``, grey levels ``0.5``).
+
+    Raises:
+        ToolkitError: a string matplotlib does not read as a colour.
+    """
+    from matplotlib.colors import is_color_like
+
+    for c in colors:
+        if not is_color_like(c):
+            raise ToolkitError(f"{c!r} is not a matplotlib colour (use a name like 'tab:red', hex '#1f77b4' or "
+                               "a grey level '0.5')")
+    return list(colors)
+
+
+def frame_title(frame: Frame, site: str, position: int, method: str, model: str | None = None) -> str:
+    """The title of one layer's picture: layer, site, position, method (and the model)."""
+    head = f"layer {frame.layer} | {site} | position {position} | {method.upper() if method == 'pca' else 'PaCMAP'}"
+    return head if not model else f"{model}\n{head}"
+
+
+def draw_frames(frames: Sequence[Frame], groups, labels: Sequence[str], colors: Sequence[str],
+                paths: Sequence[Path], *, site: str, position: int, method: str, model: str | None = None,
+                size: tuple[float, float] = (6.4, 5.2), dpi: int = 100,
+                progress: Callable | None = None) -> list[Path]:
+    """Draw one scatter plot per frame (one colour per set, a legend with labels and counts above the axes for up
+    to 4 sets, a title with layer, site, position and method, the silhouettes in a corner) and save it as PNG.
+
+    All pictures come from one reused figure of fixed ``size`` (inches), ``dpi`` and margins (no tight bounding
+    box, no per-frame layout pass), so they have identical pixel sizes and can be joined into a GIF. PCA axes
+    are the principal components (equal aspect, in the activations' units, with their shares of the variance);
+    PaCMAP axes carry no units and have no ticks. Each picture has its own axis limits.
+
+    Args:
+        frames: from :func:`toolkit.projection.project_layers`.
+        groups: ``[n_points]`` set index per point, indexing ``labels`` and ``colors``.
+        labels, colors: one per set.
+        paths: one output PNG per frame.
+        progress: called once per written picture.
+
+    Returns:
+        The written paths.
+
+    Raises:
+        ToolkitError: lengths that do not match, or a bad colour.
+    """
+    g = np.asarray(groups)
+    k = int(g.max()) + 1 if len(g) else 0
+    if len(labels) != k or len(colors) != k:
+        raise ToolkitError(f"{k} sets need {k} labels and colours, got {len(labels)} and {len(colors)}")
+    if len(paths) != len(frames):
+        raise ToolkitError(f"{len(frames)} frames need {len(frames)} paths, got {len(paths)}")
+    check_colors(colors)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=size)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.1, top=0.86)  # fixed: no per-frame layout pass
+    counts = [int((g == i).sum()) for i in range(k)]
+    written = []
+    try:
+        for frame, path in zip(frames, paths):
+            ax.clear()
+            if len(frame.points) != len(g):
+                raise ToolkitError(f"layer {frame.layer}: {len(frame.points)} points for {len(g)} groups")
+            for i in range(k):
+                p = frame.points[g == i]
+                ax.scatter(p[:, 0], p[:, 1], s=14, color=colors[i], alpha=0.6, linewidths=0,
+                           label=f"{labels[i]} (n={counts[i]})")
+            ax.set_title(frame_title(frame, site, position, method, model), fontsize=10, pad=20 if k <= 4 else 6)
+            if method == "pca":
+                ev = frame.info.get("explained_variance_ratio")
+                ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f} % of variance)" if ev else "PC1")
+                ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f} % of variance)" if ev else "PC2")
+                ax.set_aspect("equal", adjustable="datalim")
+            else:
+                ax.set_aspect("auto")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_xlabel("PaCMAP 1")
+                ax.set_ylabel("PaCMAP 2")
+            if frame.degenerate:
+                note = "all activations identical at this layer"
+            else:
+                note = f"silhouette: 2-D {frame.silhouette_2d:.2f}, full {frame.silhouette_full:.2f}"
+            ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=8, ha="left", va="bottom", color="0.3")
+            if k <= 4:  # one row between the title and the axes, clear of the points
+                ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=k, fontsize=8, markerscale=1.5,
+                          frameon=False, borderaxespad=0.1, handletextpad=0.2, columnspacing=1.2)
+            else:
+                ax.legend(loc="upper right", fontsize=8, markerscale=1.5, frameon=True)
+            fig.savefig(path, dpi=dpi)
+            written.append(Path(path))
+            if progress is not None:
+                progress(1)
+    finally:
+        plt.close(fig)
+    return written
+
+
+def write_gif(pngs: Sequence[Path], path: Path, fps: float = 2.0) -> Path:
+    """Join same-sized images into an animated GIF (Pillow), one frame per image, ``fps`` frames per second,
+    looping forever. Colours are reduced to an adaptive 256-colour palette per frame (fast octree). Pillow
+    merges a frame identical to the one before it into a longer frame.
+
+    Raises:
+        ToolkitError: no images, ``fps <= 0``, or images of different sizes.
+    """
+    from PIL import Image
+
+    if not pngs:
+        raise ToolkitError("no images to join into a GIF")
+    if not fps > 0:
+        raise ToolkitError(f"frames per second must be > 0, got {fps}")
+    frames = []
+    for p in pngs:
+        with Image.open(p) as im:
+            frames.append(im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE))
+    sizes = {f.size for f in frames}
+    if len(sizes) > 1:
+        raise ToolkitError(f"GIF frames differ in size: {sorted(sizes)}")
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(20, round(1000 / fps)), loop=0,
+                   disposal=1, optimize=False)
     return Path(path)
