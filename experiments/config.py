@@ -49,7 +49,6 @@ Converting a command (a few minutes each)::
 from __future__ import annotations
 
 import inspect
-import os
 import types
 import typing
 from dataclasses import dataclass
