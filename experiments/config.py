@@ -67,7 +67,7 @@ from .common import SEED_MAX, handle_errors
 ENV_PREFIX = "REFUSAL_"
 
 __all__ = ["Cli", "CommandConfig", "ModelOptions", "RunOptions", "FiniteFloat", "command", "load_config",
-           "ENV_PREFIX"]
+           "ENV_PREFIX", "NOT_COMPARED"]
 
 
 # ---------------------------------------------------------------------------------------------- CLI metadata
@@ -124,6 +124,11 @@ class CommandConfig(BaseModel):
         """
         return self.model_dump(mode="json") | resolved
 
+
+# options that say how, where or under which name a run was made, not what it measured: ``stats seeds`` lets them
+# differ between the runs it aggregates (a model's identity is checked by its hash; dtype and device were never
+# compared, as they were not in params before the configs recorded every option)
+NOT_COMPARED = frozenset({"model", "dtype", "device", "name", "force", "quiet"})
 
 # the order the shared options have always had at the end of every command's --help
 _SHARED_ORDER = ("model", "dtype", "device", "batch_size", "system", "name", "force", "seed", "quiet")
