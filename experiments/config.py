@@ -16,10 +16,14 @@ Precedence, highest first: a flag given on the command line > ``REFUSAL_<FIELD>`
 field's default. A field can opt out of the environment (``Cli(env=False)``: ``compare``'s ``runs`` argument,
 since ``$REFUSAL_RUNS`` already names the runs folder).
 
-The idea follows Heretic's ``config.py`` ``Settings`` (one pydantic-settings model feeding the command line, the
-environment and a TOML file). Unlike Heretic the models are plain :class:`pydantic.BaseModel`\\ s and the sources
-are merged here, explicitly, in one place (:func:`load_config`): building a config in code or in a test never reads
-the environment, the TOML file is chosen per invocation, and an error can name where the bad value came from.
+The idea follows Heretic's ``config.py`` ``Settings``: one pydantic-settings model feeds the command line, the
+environment (``HERETIC_*``) and a TOML file, with the same order (arguments > environment > file > default). Heretic
+lets pydantic-settings parse the command line and reads ``config.toml`` from the working directory; here Typer keeps
+the command line (subcommands, the help and error style the toolkit already has), the file is named per invocation
+(``--config``), and the models are plain :class:`pydantic.BaseModel`\\ s whose sources (pydantic-settings'
+``EnvSettingsSource`` and ``TomlConfigSettingsSource``) are merged explicitly in one place, :func:`load_config`:
+building a config in code or in a test never reads the environment, and an error can name where a bad value came
+from.
 
 Converting a command (a few minutes each)::
 
@@ -44,6 +48,8 @@ Converting a command (a few minutes each)::
 3. The body takes the config; ``params=cfg.params(**resolved)`` replaces the hand-written dict, where ``resolved``
    holds only what the command computed (token ids, a resolved layer list): those keys win over the options.
 4. Register as before (``app.command("steer")(steer)``); check ``refusal steer --help`` lists the same flags.
+5. A field whose ``REFUSAL_<FIELD>`` already means something else (``REFUSAL_RUNS``, ``REFUSAL_TOOLKIT_*``) gets
+   ``Cli(env=False)``; a field that only says how or where a run was made joins :data:`NOT_COMPARED`.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ __all__ = ["Cli", "CommandConfig", "ModelOptions", "RunOptions", "FiniteFloat", 
 
 
 # ---------------------------------------------------------------------------------------------- CLI metadata
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Cli:
     """How a config field appears on the command line, given as ``Annotated[T, Cli(...)]`` metadata.
 
