@@ -67,12 +67,13 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import EnvSettingsSource, TomlConfigSettingsSource
 
 from toolkit.errors import ToolkitError
+from toolkit.hooks import SITES
 
 from .common import SEED_MAX, handle_errors
 
 ENV_PREFIX = "REFUSAL_"
 
-__all__ = ["Cli", "CommandConfig", "ModelOptions", "RunOptions", "FiniteFloat", "command", "load_config",
+__all__ = ["Cli", "Invalid", "Site", "PromptPosition", "CommandConfig", "ModelOptions", "RunOptions", "FiniteFloat", "command", "load_config",
            "ENV_PREFIX", "NOT_COMPARED"]
 
 
@@ -99,6 +100,19 @@ class Cli:
         object.__setattr__(self, "env", env)
 
 
+@dataclass(frozen=True)
+class Invalid:
+    """A field's own words for a bad value, as ``Annotated[T, Invalid("...")]`` metadata, where the generic
+    ``must be >= 1, got 0`` would say less than the message users and tests already know.
+
+    Attributes:
+        message: a :meth:`str.format` template of what follows ``--flag:``, with ``{value}`` (the bad value; write
+            ``{value!r}`` to quote text), ``{choices}`` (a ``Literal``'s values, comma-separated) and ``{bounds}``.
+    """
+
+    message: str
+
+
 def cli_of(field: FieldInfo) -> Cli:
     """The :class:`Cli` metadata of a pydantic field (the defaults when it has none)."""
     return next((m for m in field.metadata if isinstance(m, Cli)), Cli())
@@ -112,6 +126,14 @@ def flag_of(name: str, field: FieldInfo) -> str:
     if cli.flags:
         return cli.flags[0].split("/")[0]
     return "--" + name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------------------- shared field types
+# a hook site, refused in the words every command used before the configs
+Site = Annotated[Literal[SITES], Invalid("unknown hook site {value!r}; choose one of {choices}")]
+# a prompt position read by negative index from the end of the prompt
+PromptPosition = Annotated[int, Field(lt=0), Invalid("must be a negative index from the end of the prompt (-1 = last "
+                                                     "token), got {value!r}")]
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -128,7 +150,8 @@ class CommandConfig(BaseModel):
             resolved: values the command computed (``refusal_token_ids``, a layer list resolved against the
                 model); they are added, and replace an option of the same name (documented per command).
         """
-        return self.model_dump(mode="json") | resolved
+        dump = self.model_dump(mode="json")
+        return {k: dump[k] for k in field_order(type(self))} | resolved
 
 
 # options that say how, where or under which name a run was made, not what it measured: ``stats seeds`` lets them
@@ -138,6 +161,13 @@ NOT_COMPARED = frozenset({"model", "dtype", "device", "name", "force", "quiet"})
 
 # the order the shared options have always had at the end of every command's --help
 _SHARED_ORDER = ("model", "dtype", "device", "batch_size", "system", "name", "force", "seed", "quiet")
+
+
+def field_order(cls: type[BaseModel]) -> list[str]:
+    """A config's fields as ``--help`` and ``params`` list them: the command's own in declaration order, then the
+    shared options (:class:`ModelOptions`, :class:`RunOptions`) in the order they have always had."""
+    return ([n for n in cls.model_fields if n not in _SHARED_ORDER]
+            + [n for n in _SHARED_ORDER if n in cls.model_fields])
 
 
 class ModelOptions(CommandConfig):
@@ -248,7 +278,11 @@ def load_config(cls: type[C], given: dict[str, Any], config_file: Path | None = 
         field = cls.model_fields[key]
         where = ("" if key in given else f" (from ${env_name(key)})" if key in env_values
                  else f" (from {config_file})" if key in file_values else "")
-        raise ToolkitError(f"{flag_of(key, field)}{where}: {_problem(err, field)}, got {err['input']!r}") from None
+        own = next((m for m in field.metadata if isinstance(m, Invalid)), None)
+        problem = (own.message.format(value=err["input"], choices=", ".join(map(str, _choices(field.annotation))),
+                                      bounds=bounds_text(field)) if own is not None
+                   else f"{_problem(err, field)}, got {err['input']!r}")
+        raise ToolkitError(f"{flag_of(key, field)}{where}: {problem}") from None
 
 
 def _problem(err: dict, field: FieldInfo) -> str:
@@ -341,10 +375,8 @@ def command(cls: type[C]) -> Callable[[Callable[[C], Any]], Callable[..., Any]]:
     reserved = {"config_file", "typer_ctx"} & set(cls.model_fields)
     if reserved:
         raise TypeError(f"{cls.__name__}: field names {sorted(reserved)} are reserved by experiments.config.command")
-    own = [n for n in cls.model_fields if n not in _SHARED_ORDER]
-    order = own + [n for n in _SHARED_ORDER if n in cls.model_fields]
     params = [inspect.Parameter("typer_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
-    params += [parameter(n, cls.model_fields[n]) for n in order]
+    params += [parameter(n, cls.model_fields[n]) for n in field_order(cls)]
     params.append(inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                     default=typer.Option(None, "--config", help=CONFIG_HELP, dir_okay=False)))
 

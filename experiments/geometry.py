@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal, Optional
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -20,7 +20,7 @@ from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
 from .common import console, layer_list, out, parse_layers, residuals
-from .config import ModelOptions, RunOptions, command
+from .config import ModelOptions, PromptPosition, RunOptions, Site, command
 
 COLUMNS = [("cos_g_b", "S(g,b)"), ("cos_gm_bm", "S(g*,b*)"), ("cos_g_r", "S(g,r)"), ("cos_gm_rm", "S(g*,r*)"),
            ("cos_b_r", "S(b,r)"), ("cos_bm_rm", "S(b*,r*)"), ("norm_g", "|g|"), ("norm_gm", "|g*|"),
@@ -35,9 +35,9 @@ class GeometryConfig(ModelOptions, RunOptions):
     split: str = Field("train", description="split of both sets (files without splits: all prompts)")
     limit: Optional[int] = Field(None, ge=1, description="use at most N prompts per set")
     layers: Optional[str] = Field(None, description="layers, e.g. '12', '8,12,16' or '4:20' [default: all]")
-    site: Literal[SITES] = Field("resid_pre", description=f"hook site: {', '.join(SITES)}")
-    position: int = Field(-1, lt=0, description="prompt position (negative index; -1 = last token, as Heretic reads "
-                          "residuals)")
+    site: Site = Field("resid_pre", description=f"hook site: {', '.join(SITES)}")
+    position: PromptPosition = Field(-1, description="prompt position (negative index; -1 = last token, as Heretic "
+                                     "reads residuals)")
     silhouette: bool = Field(True, description="compute the silhouette column")
 
 

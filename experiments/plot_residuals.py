@@ -20,7 +20,7 @@ from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
 from .common import console, layer_list, out, parse_layers, residuals
-from .config import FiniteFloat, ModelOptions, RunOptions, command
+from .config import FiniteFloat, Invalid, ModelOptions, PromptPosition, RunOptions, Site, command
 
 
 def _split_list(text: str | None) -> list[str]:
@@ -40,10 +40,11 @@ class PlotResidualsConfig(ModelOptions, RunOptions):
     limit: Optional[int] = Field(None, ge=1, description="at most N prompts per set")
     layers: Optional[str] = Field(None, description="layers, e.g. '12' or '4,8,12' or '0:24' (half-open) "
                                   "(default: every layer)")
-    site: Literal[SITES] = Field("resid_pre", description=f"hook site: {', '.join(SITES)}")
-    position: int = Field(-1, lt=0, description="prompt position read, a negative index from the end (-1: the last "
-                          "prompt token, as Heretic reads residuals)")
-    method: Literal[METHODS] = Field("pacmap", description=f"projection: {' or '.join(METHODS)} (fast)")
+    site: Site = Field("resid_pre", description=f"hook site: {', '.join(SITES)}")
+    position: PromptPosition = Field(-1, description="prompt position read, a negative index from the end (-1: the "
+                                     "last prompt token, as Heretic reads residuals)")
+    method: Annotated[Literal[METHODS], Invalid("unknown projection method {value!r}; choose one of {choices}")] = \
+        Field("pacmap", description=f"projection: {' or '.join(METHODS)} (fast)")
     neighbors: int = Field(PACMAP_NEIGHBORS, ge=1, description="PaCMAP near neighbours (lowered automatically for "
                            "few points)")
     gif: bool = Field(True, description="also join the layers' pictures into residuals.gif")

@@ -66,6 +66,11 @@ def test_generated_signature_has_every_field_then_config(cmd):
         assert list(params)[-len(SHARED) - 1:-1] == SHARED
 
 
+def test_shared_options_are_the_nine_common_ones():
+    shared = [f"--{n.replace('_', '-')}" for n in list(ModelOptions.model_fields) + list(RunOptions.model_fields)]
+    assert sorted(shared) == sorted(SHARED)
+
+
 def test_signature_flags_defaults_and_help_come_from_the_fields():
     p = click_params("score")
     assert p["--batch-size"].opts == ["--batch-size", "-b"] and p["--batch-size"].default == 16
@@ -138,7 +143,8 @@ BAD = [
     (["score", "--seed", "-1"], "--seed", ">= 0"),
     (["score", "--batch-size", "0"], "--batch-size", "got 0"),
     (["geometry", "--site", "bogus"], "--site", "bogus", "resid_pre"),
-    (["geometry", "--position", "0"], "--position", "< 0"),
+    (["geometry", "--position", "0"], "--position: must be a negative index", "got 0"),
+    (["geometry", "--site", "hook_z"], "--site: unknown hook site 'hook_z'; choose one of resid_pre, resid_mid"),
     (["geometry", "--limit", "-1"], "--limit"),
     (["patch", "--direction", "sideways"], "--direction", "sideways", "denoise"),
     (["patch", "--pairs", "0"], "--pairs"),
@@ -149,7 +155,7 @@ BAD = [
     (["plot-residuals", "--fps", "nan"], "--fps", "a finite number > 0", "nan"),
     (["plot-residuals", "--fps", "inf"], "--fps", "inf"),
     (["plot-residuals", "--fps", "0"], "--fps"),
-    (["plot-residuals", "--method", "tsne"], "--method", "tsne", "pacmap, pca"),
+    (["plot-residuals", "--method", "tsne"], "--method: unknown projection method 'tsne'; choose one of pacmap, pca"),
     (["plot-residuals", "--neighbors", "0"], "--neighbors"),
     (["plot-residuals", "--position", "1"], "--position"),
 ]
@@ -239,6 +245,7 @@ def test_config_file_and_env_errors_through_the_command_line(env, monkeypatch):
 def test_params_is_the_json_dump_with_resolved_values_on_top():
     cfg = PlotResidualsConfig(layers="1:3", fps=4.0)
     assert cfg.params() == json.loads(json.dumps(cfg.model_dump()))
+    assert list(cfg.params())[:2] == ["sets", "labels"] and list(cfg.params())[-1] == "quiet"  # as --help lists them
     p = cfg.params(layers=[1, 2], refusal_token_ids=[3])
     assert p["layers"] == [1, 2] and p["refusal_token_ids"] == [3] and p["fps"] == 4.0
     with pytest.raises(Exception):
