@@ -275,6 +275,8 @@ def load_config(cls: type[C], given: dict[str, Any], config_file: Path | None = 
         if err["type"] == "extra_forbidden":
             raise ToolkitError(f"--config {config_file}: unknown option {key!r} (keys are option names: "
                                f"{', '.join(cls.model_fields)})") from None
+        if key not in cls.model_fields:  # a model-level check (a ``model_validator`` over several options)
+            raise ToolkitError(err["msg"].removeprefix("Value error, ")) from None
         field = cls.model_fields[key]
         where = ("" if key in given else f" (from ${env_name(key)})" if key in env_values
                  else f" (from {config_file})" if key in file_values else "")

@@ -253,6 +253,23 @@ def test_params_is_the_json_dump_with_resolved_values_on_top():
     assert math.isfinite(PlotResidualsConfig().fps)
 
 
+def test_a_check_over_several_options_is_one_line_too():
+    from pydantic import model_validator
+
+    class Pair(CommandConfig):
+        lo: int = 0
+        hi: int = 1
+
+        @model_validator(mode="after")
+        def ordered(self):
+            if self.hi <= self.lo:
+                raise ValueError(f"--hi must be above --lo, got {self.hi} <= {self.lo}")
+            return self
+
+    with pytest.raises(ToolkitError, match=r"^--hi must be above --lo, got 1 <= 2$"):
+        load_config(Pair, {"lo": 2})
+
+
 def test_finite_float_alias_refuses_nan():
     class F(CommandConfig):
         x: Annotated[FiniteFloat, Field(ge=0)] = 1.0
