@@ -298,6 +298,14 @@ def test_score_and_compare_record_the_config_as_params(env, monkeypatch):
     assert {k: meta["params"][k] for k in old} == old and meta["params"]["refusal_token_ids"]
     assert meta["seed"] == 0 and len(meta["params"]) == len(ScoreConfig.model_fields) + 1
 
+    # stats seeds: the options that only say how or where a run was made may differ, the others may not
+    assert_ok(invoke(["score", "--config", "score.toml", "--model", model, "--limit", "2", "--dtype", "float32",
+                      "--name", "s1", "--seed", "1", "--device", "cpu"]))
+    assert_ok(invoke(["stats", "seeds", env / "score" / "s", env / "score" / "s1", "--name", "agg"]))
+    assert_ok(invoke(["score", "--config", "score.toml", "--model", model, "--limit", "1", "--dtype", "float32",
+                      "--name", "s2", "--seed", "2"]))
+    assert_usage_error(invoke(["stats", "seeds", env / "score" / "s", env / "score" / "s2"]), "param 'limit'")
+
     r = invoke(["compare", env / "score" / "s", "--name", "c"])
     assert_ok(r)
     meta = json.loads((env / "compare" / "c" / "run.json").read_text())
