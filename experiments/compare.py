@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import pandas as pd
-import typer
+from pydantic import Field
 
 from toolkit.errors import ToolkitError
 from toolkit.runs import Run, load_run, read_run_table
 
-from .common import ForceOpt, NameOpt, console, handle_errors, print_summary
+from .common import console, print_summary
+from .config import Cli, RunOptions, command
 
 
 COMPARABLE = ("score", "extract", "ablate")  # run kinds whose summary.csv has rows per set and condition
 
 
-@handle_errors
-def compare(
-    runs: list[str] = typer.Argument(..., help="run folders (runs/<command>/<name>) to put side by side"),
-    name: str = NameOpt, force: bool = ForceOpt,
-):
+class CompareConfig(RunOptions):
+    """The options of ``refusal compare``."""
+
+    # not from $REFUSAL_RUNS: that variable names the runs folder
+    runs: Annotated[list[str], Cli(argument=True, env=False)] = Field(
+        ..., description="run folders (runs/<command>/<name>) to put side by side")
+
+
+@command(CompareConfig)
+def compare(cfg: CompareConfig):
     """Put the summaries of several score, extract or ablate runs in one table: refusal rate with Wilson 95 %
     interval, mean refusal score and KL per set and condition.
 
     Writes runs/compare/NAME/comparison.csv and run.json.
     """
     frames, sources = [], []
-    for spec in runs:
+    for spec in cfg.runs:
         folder, meta = load_run(spec)
         if meta.get("command") not in COMPARABLE:
             raise ToolkitError(f"{folder} is a '{meta.get('command')}' run; compare reads {', '.join(COMPARABLE)} "
@@ -53,9 +61,9 @@ def compare(
     for col in ("n", "refusal_rate", "ci_low", "ci_high", "mean_score", "mean_kl"):
         if col not in table:
             table[col] = None
-    with Run("compare", name, force) as run:
+    with Run("compare", cfg.name, cfg.force) as run:
         run.write_csv("comparison.csv", table)
-        final = run.finish(model=None, prompt_sets=[], seed=None, params={"runs": runs},
+        final = run.finish(model=None, prompt_sets=[], seed=None, params=cfg.params(),
                            results={"sources": sources, "rows": len(table)})
     print_summary(table, f"comparison: {final}", extra_cols=("run",))
     console.print(f"wrote {final}/comparison.csv")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Optional
 
 import pandas as pd
 import torch
-import typer
+from pydantic import Field
 from rich.table import Table
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -18,28 +19,30 @@ from toolkit.hooks import SITES
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
-from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, layer_list, open_session, out, parse_layers, residuals)
+from .common import console, layer_list, out, parse_layers, residuals
+from .config import ModelOptions, PromptPosition, RunOptions, Site, command
 
 COLUMNS = [("cos_g_b", "S(g,b)"), ("cos_gm_bm", "S(g*,b*)"), ("cos_g_r", "S(g,r)"), ("cos_gm_rm", "S(g*,r*)"),
            ("cos_b_r", "S(b,r)"), ("cos_bm_rm", "S(b*,r*)"), ("norm_g", "|g|"), ("norm_gm", "|g*|"),
            ("norm_b", "|b|"), ("norm_bm", "|b*|"), ("norm_r", "|r|"), ("norm_rm", "|r*|"), ("silhouette", "Silh")]
 
 
-@handle_errors
-def geometry(
-    harmful: str = typer.Option("harmful", "--harmful", help="harmful ('bad') prompt set"),
-    harmless: str = typer.Option("harmless", "--harmless", help="harmless ('good') prompt set"),
-    split: str = typer.Option("train", "--split", help="split of both sets (files without splits: all prompts)"),
-    limit: int = typer.Option(None, "--limit", min=1, help="use at most N prompts per set"),
-    layers: str = typer.Option(None, "--layers", help="layers, e.g. '12', '8,12,16' or '4:20' [default: all]"),
-    site: str = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}"),
-    position: int = typer.Option(-1, "--position", help="prompt position (negative index; -1 = last token, as "
-                                 "Heretic reads residuals)"),
-    silhouette: bool = typer.Option(True, "--silhouette/--no-silhouette", help="compute the silhouette column"),
-    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
-    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
-):
+class GeometryConfig(ModelOptions, RunOptions):
+    """The options of ``refusal geometry``."""
+
+    harmful: str = Field("harmful", description="harmful ('bad') prompt set")
+    harmless: str = Field("harmless", description="harmless ('good') prompt set")
+    split: str = Field("train", description="split of both sets (files without splits: all prompts)")
+    limit: Optional[int] = Field(None, ge=1, description="use at most N prompts per set")
+    layers: Optional[str] = Field(None, description="layers, e.g. '12', '8,12,16' or '4:20' [default: all]")
+    site: Site = Field("resid_pre", description=f"hook site: {', '.join(SITES)}")
+    position: PromptPosition = Field(-1, description="prompt position (negative index; -1 = last token, as Heretic "
+                                     "reads residuals)")
+    silhouette: bool = Field(True, description="compute the silhouette column")
+
+
+@command(GeometryConfig)
+def geometry(cfg: GeometryConfig):
     """Residual geometry per layer, as Heretic prints it: cosine similarities between the harmless mean g, the
     harmful mean b and r = b - g and between their geometric-median versions g*, b*, r* = b* - g*; the L2 norm of
     each; and the mean silhouette coefficient of the two clusters.
@@ -47,27 +50,26 @@ def geometry(
     Writes runs/geometry/NAME/ with geometry.csv, directions.safetensors (r and r* per layer with both means and
     the mean residual norm: an input of `refusal imprint`) and run.json.
     """
-    if site not in SITES:
-        raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
-    parse_layers(layers)  # syntax, before the model is loaded
-    G = load_prompt_set(harmless).select(split).head(limit)
-    B = load_prompt_set(harmful).select(split).head(limit)
+    site, position = cfg.site, cfg.position
+    parse_layers(cfg.layers)  # syntax, before the model is loaded
+    G = load_prompt_set(cfg.harmless).select(cfg.split).head(cfg.limit)
+    B = load_prompt_set(cfg.harmful).select(cfg.split).head(cfg.limit)
     G, B = distinct_names([G, B])
     if len(G) < 2 or len(B) < 2:
         raise ToolkitError(f"the geometry table needs at least two prompts per set (got {len(G)} and {len(B)})")
-    with Run("geometry", name, force) as run:
-        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+    with Run("geometry", cfg.name, cfg.force) as run:
+        ses = cfg.open_session()
         lm = ses.lm
-        lay = layer_list(lm, layers)
+        lay = layer_list(lm, cfg.layers)
         t0 = time.time()
         Xg = residuals(ses.runner, G.prompts, lay, site, position, "harmless residuals")
         Xb = residuals(ses.runner, B.prompts, lay, site, position, "harmful residuals")
         run.time("residuals", time.time() - t0)
         t0 = time.time()
         rows, medians = [], []
-        for i, l in enumerate(tqdm(lay, desc="geometry", disable=quiet, leave=False)):
+        for i, l in enumerate(tqdm(lay, desc="geometry", disable=cfg.quiet, leave=False)):
             med: list = []
-            row = residual_geometry(Xg[:, i], Xb[:, i], silhouette=silhouette, medians=med)
+            row = residual_geometry(Xg[:, i], Xb[:, i], silhouette=cfg.silhouette, medians=med)
             medians.append(med[1] - med[0])
             rows.append({"layer": l, "n_harmless": len(G), "n_harmful": len(B), **row})
         run.time("geometry", time.time() - t0)
@@ -76,19 +78,18 @@ def geometry(
         rm = torch.stack(medians)
         norms = torch.cat([Xg, Xb]).double().norm(dim=-1).mean(0)
         meta = {"model_id": lm.model_id, "model_hash": lm.model_hash, "d_model": lm.d_model, "site": site,
-                "position": position, "kind": "geometry", "split": split,
+                "position": position, "kind": "geometry", "split": cfg.split,
                 "method": "difference-in-means per layer: mean harmful - mean harmless"}
         save_file({"directions": (Xb.double().mean(0) - Xg.double().mean(0)).float(),
                    "median_directions": rm.float(), "mean_harmful": Xb.double().mean(0).float(),
                    "mean_harmless": Xg.double().mean(0).float(), "resid_norm": norms.float(),
                    "layers": torch.tensor(lay)},
                   str(run.path("directions.safetensors")), metadata={"meta": json.dumps(meta)})
-        best = df.loc[df.silhouette.idxmax()] if silhouette and df.silhouette.notna().any() else None
+        best = df.loc[df.silhouette.idxmax()] if cfg.silhouette and df.silhouette.notna().any() else None
         results = {"layers": lay, "best_silhouette": None if best is None else
                    {"layer": int(best.layer), "silhouette": float(best.silhouette)}}
-        final = run.finish(model=lm.describe(), prompt_sets=[G.describe(), B.describe()], seed=seed,
-                           params={"split": split, "limit": limit, "site": site, "position": position,
-                                   "silhouette": silhouette, "system": system}, results=results)
+        final = run.finish(model=lm.describe(), prompt_sets=[G.describe(), B.describe()], seed=cfg.seed,
+                           params=cfg.params(), results=results)
     print_geometry(df, site, position)
     console.print(f"wrote {final}")
 

@@ -3,9 +3,11 @@ token length, per site x layer x position and per attention head (method: :mod:`
 
 from __future__ import annotations
 
+from typing import Literal, Optional
+
 import numpy as np
 import pandas as pd
-import typer
+from pydantic import Field
 
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
@@ -16,8 +18,8 @@ from toolkit.prompts import PromptSet, load_prompt_set
 from toolkit.runs import Run
 from toolkit.steering import parse_positions
 
-from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, layer_list, open_session, out, parse_layers, styled, sweep_bar)
+from .common import console, layer_list, out, parse_layers, styled, sweep_bar
+from .config import ModelOptions, RunOptions, command
 
 MAX_ROWS = 256  # rows per stacked forward pass (components x prompts of one base batch)
 UNSTABLE_GAP = 0.5  # score units: below this clean-corrupt gap normalised figures are unstable
@@ -42,37 +44,36 @@ def _select(spec: str, split: str, column: str | None) -> PromptSet:
     return ps.select(split)
 
 
-@handle_errors
-def patch(
-    harmful: str = typer.Option("harmful", "--harmful", help="clean prompts (the model refuses): built-in set or "
-                                "file"),
-    harmless: str = typer.Option("harmless", "--harmless", help="corrupted prompts (answered): built-in set or file"),
-    split: str = typer.Option("test", "--split", help="split of sets that have splits (files without: all)"),
-    column: str = typer.Option(None, "--column", help="field/column holding the prompt in user files"),
-    pairs: int = typer.Option(10, "--pairs", min=1, help="at most N pairs (harmful prompts in file order); time grows "
-                              "linearly with it: the full default sweep takes about 8 minutes on two CPU cores"),
-    max_len_diff: int = typer.Option(0, "--max-len-diff", min=0, help="pair prompts whose formatted token lengths differ by "
-                                     "at most this (0: exact match; positions count from the end of each prompt)"),
-    layers: str = typer.Option(None, "--layers", help="layers patched (default: all), e.g. '12', '8,12,16' or "
-                               "'8:16'"),
-    sites: str = typer.Option("resid_pre,attn_out,mlp_out", "--sites", help=f"comma-separated sites: "
-                              f"{', '.join(SITES)}"),
-    positions: str = typer.Option(None, "--positions", help="positions patched one at a time (default: the "
-                                  "post-instruction positions and the last --last-k): negative indices like "
-                                  "'-1,-3', post or last"),
-    last_k: int = typer.Option(8, "--last-k", min=0, help="default positions include the last K (-K..-1)"),
-    direction: str = typer.Option("both", "--direction", help="denoise (harmless run, harmful activation copied "
-                                  "in), noise (the reverse) or both"),
-    heads: bool = typer.Option(True, "--heads/--no-heads", help="also patch each attention (query) head's output z "
-                               "(o_proj input) at every patched layer"),
-    head_positions: str = typer.Option("post", "--head-positions", help="positions a head is patched at, all "
-                                       "together: post, last or negative indices"),
-    top: int = typer.Option(10, "--top", min=0, help="components listed per direction"),
-    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="bootstrap resamples of pairs for the 95 % intervals "
-                                  "(0: none; seeded by --seed)"),
-    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
-    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
-):
+class PatchConfig(ModelOptions, RunOptions):
+    """The options of ``refusal patch``."""
+
+    harmful: str = Field("harmful", description="clean prompts (the model refuses): built-in set or file")
+    harmless: str = Field("harmless", description="corrupted prompts (answered): built-in set or file")
+    split: str = Field("test", description="split of sets that have splits (files without: all)")
+    column: Optional[str] = Field(None, description="field/column holding the prompt in user files")
+    pairs: int = Field(10, ge=1, description="at most N pairs (harmful prompts in file order); time grows linearly "
+                       "with it: the full default sweep takes about 8 minutes on two CPU cores")
+    max_len_diff: int = Field(0, ge=0, description="pair prompts whose formatted token lengths differ by at most "
+                              "this (0: exact match; positions count from the end of each prompt)")
+    layers: Optional[str] = Field(None, description="layers patched (default: all), e.g. '12', '8,12,16' or '8:16'")
+    sites: str = Field("resid_pre,attn_out,mlp_out", description=f"comma-separated sites: {', '.join(SITES)}")
+    positions: Optional[str] = Field(None, description="positions patched one at a time (default: the "
+                                     "post-instruction positions and the last --last-k): negative indices like "
+                                     "'-1,-3', post or last")
+    last_k: int = Field(8, ge=0, description="default positions include the last K (-K..-1)")
+    direction: Literal[("both",) + DIRECTIONS] = Field(
+        "both", description="denoise (harmless run, harmful activation copied in), noise (the reverse) or both")
+    heads: bool = Field(True, description="also patch each attention (query) head's output z (o_proj input) at "
+                        "every patched layer")
+    head_positions: str = Field("post", description="positions a head is patched at, all together: post, last or "
+                                "negative indices")
+    top: int = Field(10, ge=0, description="components listed per direction")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of pairs for the 95 % intervals (0: none; "
+                           "seeded by --seed)")
+
+
+@command(PatchConfig)
+def patch(cfg: PatchConfig):
     """Activation patching between harmful (clean) and harmless (corrupted) prompts: which layers, sites, positions
     and attention heads carry the refusal score.
 
@@ -89,33 +90,31 @@ def patch(
     interval ci_low..ci_high, effect = normalised for denoising and 1 - normalised for noising, rank by effect),
     pairs.csv, patch_<direction>.png and heads_<direction>.png (the effect: 0 = no change) and run.json.
     """
-    if direction not in ("both",) + DIRECTIONS:
-        raise ToolkitError(f"--direction must be denoise, noise or both, got {direction!r}")
-    dirs = list(DIRECTIONS) if direction == "both" else [direction]
-    site_list = parse_sites(sites)
-    if pairs < 1 or max_len_diff < 0 or last_k < 0 or top < 0 or bootstrap < 0:
-        raise ToolkitError("--pairs must be >= 1 and --max-len-diff, --last-k, --top, --bootstrap >= 0")
-    parse_layers(layers)
-    for spec, opt in ((positions, "--positions"), (head_positions if heads else None, "--head-positions")):
+    heads, max_len_diff = cfg.heads, cfg.max_len_diff
+    dirs = list(DIRECTIONS) if cfg.direction == "both" else [cfg.direction]
+    site_list = parse_sites(cfg.sites)
+    parse_layers(cfg.layers)
+    for spec, opt in ((cfg.positions, "--positions"), (cfg.head_positions if heads else None, "--head-positions")):
         if spec is not None:
-            _positions(spec, [-1], last_k, opt)  # syntax only; post positions come from the model's template
-    if positions is None and last_k == 0:
+            _positions(spec, [-1], cfg.last_k, opt)  # syntax only; post positions come from the model's template
+    if cfg.positions is None and cfg.last_k == 0:
         raise ToolkitError("--last-k 0 leaves only the post-instruction positions: give --positions post instead")
-    hset, bset = _select(harmful, split, column), _select(harmless, split, column)
+    hset, bset = _select(cfg.harmful, cfg.split, cfg.column), _select(cfg.harmless, cfg.split, cfg.column)
 
-    with Run("patch", name, force) as run:
-        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+    with Run("patch", cfg.name, cfg.force) as run:
+        ses = cfg.open_session()
         r, lm = ses.runner, ses.lm
-        lays = layer_list(lm, layers)
+        lays = layer_list(lm, cfg.layers)
         post = ses.fmt.post_positions()
-        pos = list(check_positions(_positions(positions, post, last_k)))
-        hpos = list(check_positions(_positions(head_positions, post, last_k, "--head-positions"))) if heads else []
+        pos = list(check_positions(_positions(cfg.positions, post, cfg.last_k)))
+        hpos = (list(check_positions(_positions(cfg.head_positions, post, cfg.last_k, "--head-positions")))
+                if heads else [])
         lay = head_layout(lm.model) if heads else None
 
         # pairs by formatted token length
         hlen = [len(x) for x in ses.fmt.encode(hset.prompts)]
         blen = [len(x) for x in ses.fmt.encode(bset.prompts)]
-        plist, dropped = pair_by_length(hlen, blen, max_len_diff, pairs)
+        plist, dropped = pair_by_length(hlen, blen, max_len_diff, cfg.pairs)
         console.print(f"{len(plist)} pairs within {max_len_diff} token(s) of equal length; {dropped} harmful "
                       "prompt(s) had no such harmless partner and were dropped", highlight=False)
         clean = r.encode([hset.prompts[p.harmful] for p in plist])
@@ -132,7 +131,7 @@ def patch(
             comps += head_components(lays, lay.n_heads, hpos)
         n = len(plist)
         total = len(plan_passes(comps, max_variants(r.batch_size, n, MAX_ROWS))) * len(dirs)
-        with sweep_bar(r, total, "patch", quiet) as bar:
+        with sweep_bar(r, total, "patch", cfg.quiet) as bar:
             res = run_patching(r, clean, corrupt, comps, ses.refusal_ids, dirs, max_rows=MAX_ROWS,
                                on_pass=lambda m: bar.update(1))
         run.time("prepare", res.timings["prepare"])
@@ -150,7 +149,7 @@ def patch(
             "clean_score": float(res.clean[i]), "corrupt_score": float(res.corrupt[i]),
             "harmful_prompt": hset.prompts[p.harmful], "harmless_prompt": bset.prompts[p.harmless],
         } for i, p in enumerate(plist)])
-        results_df, summary = _tables(res, dirs, plist, hset, bset, lay, bootstrap, seed)
+        results_df, summary = _tables(res, dirs, plist, hset, bset, lay, cfg.bootstrap, cfg.seed)
         run.write_csv("pairs.csv", pairs_df)
         run.write_csv("results.csv", results_df)
         run.write_csv("summary.csv", summary)
@@ -173,7 +172,7 @@ def patch(
                 heads_heatmap(sd, run.path(f"heads_{d}.png"), f"{what[d][0]}, per head at positions "
                               f"{','.join(map(str, hpos))}; {n} pairs", value="effect", label=what[d][1])
 
-        tops = {d: _top(summary, d, top) for d in dirs}
+        tops = {d: _top(summary, d, cfg.top) for d in dirs}
         seconds = res.timings["sweep"] / max(1, res.n_passes)
         results = {
             "baseline": {"clean_mean": float(res.clean.mean()), "corrupt_mean": float(res.corrupt.mean()),
@@ -190,13 +189,8 @@ def patch(
         }
         final = run.finish(model=lm.describe(), prompt_sets=[hset.describe() | {"role": "clean"},
                                                              bset.describe() | {"role": "corrupt"}],
-                           seed=seed,
-                           params={"harmful": harmful, "harmless": harmless, "split": split, "column": column,
-                                   "pairs": pairs, "max_len_diff": max_len_diff, "layers": layers, "sites": sites,
-                                   "positions": positions, "last_k": last_k, "direction": direction,
-                                   "heads": heads, "head_positions": head_positions, "top": top,
-                                   "bootstrap": bootstrap, "batch_size": batch_size, "max_rows": MAX_ROWS,
-                                   "system": system, "refusal_token_ids": ses.refusal_ids},
+                           seed=cfg.seed,
+                           params=cfg.params(max_rows=MAX_ROWS, refusal_token_ids=ses.refusal_ids),
                            results=results)
     out.print(f"baseline mean refusal score over {n} pairs: harmful (clean) {res.clean.mean():.2f}, harmless "
               f"(corrupted) {res.corrupt.mean():.2f}, gap {gap:.2f}", highlight=False)

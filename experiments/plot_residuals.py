@@ -5,50 +5,54 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import pandas as pd
-import typer
+from pydantic import Field
 from rich.table import Table
 
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
 from toolkit.plots import check_colors, default_colors, draw_frames, write_gif
-from toolkit.projection import METHODS, PACMAP_NEIGHBORS, check_method, min_points, project_layers
+from toolkit.projection import METHODS, PACMAP_NEIGHBORS, min_points, project_layers
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
-from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt, console,
-                     finite, handle_errors, layer_list, open_session, out, parse_layers, residuals)
+from .common import console, layer_list, out, parse_layers, residuals
+from .config import FiniteFloat, Invalid, ModelOptions, PromptPosition, RunOptions, Site, command
 
 
 def _split_list(text: str | None) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()] if text else []
 
 
-@handle_errors
-def plot_residuals(
-    sets: str = typer.Option("harmless,harmful", "--sets", help="comma-separated prompt sets (built-in names or "
-                             "files), 2 or more; the first is the reference, drawn on the left"),
-    labels: str = typer.Option(None, "--labels", help="comma-separated legend labels, one per set "
-                               "(default: the set names)"),
-    colors: str = typer.Option(None, "--colors", help="comma-separated matplotlib colours, one per set, e.g. "
-                               "'tab:blue,#c44e52' (default: seaborn deep: blue, red, green, ...)"),
-    split: str = typer.Option("train", "--split", help="train, val, test or all (files without splits: all)"),
-    limit: int = typer.Option(None, "--limit", min=1, help="at most N prompts per set"),
-    layers: str = typer.Option(None, "--layers", help="layers, e.g. '12' or '4,8,12' or '0:24' (half-open) "
-                               "(default: every layer)"),
-    site: str = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}"),
-    position: int = typer.Option(-1, "--position", help="prompt position read, a negative index from the end "
-                                 "(-1: the last prompt token, as Heretic reads residuals)"),
-    method: str = typer.Option("pacmap", "--method", help=f"projection: {' or '.join(METHODS)} (fast)"),
-    neighbors: int = typer.Option(PACMAP_NEIGHBORS, "--neighbors", min=1, help="PaCMAP near neighbours (lowered "
-                                  "automatically for few points)"),
-    gif: bool = typer.Option(True, "--gif/--no-gif", help="also join the layers' pictures into residuals.gif"),
-    fps: float = typer.Option(2.0, "--fps", callback=finite(gt=0), help="GIF frames (layers) per second"),
-    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
-    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
-):
+class PlotResidualsConfig(ModelOptions, RunOptions):
+    """The options of ``refusal plot-residuals``."""
+
+    sets: str = Field("harmless,harmful", description="comma-separated prompt sets (built-in names or files), 2 or "
+                      "more; the first is the reference, drawn on the left")
+    labels: Optional[str] = Field(None, description="comma-separated legend labels, one per set (default: the set "
+                                  "names)")
+    colors: Optional[str] = Field(None, description="comma-separated matplotlib colours, one per set, e.g. "
+                                  "'tab:blue,#c44e52' (default: seaborn deep: blue, red, green, ...)")
+    split: str = Field("train", description="train, val, test or all (files without splits: all)")
+    limit: Optional[int] = Field(None, ge=1, description="at most N prompts per set")
+    layers: Optional[str] = Field(None, description="layers, e.g. '12' or '4,8,12' or '0:24' (half-open) "
+                                  "(default: every layer)")
+    site: Site = Field("resid_pre", description=f"hook site: {', '.join(SITES)}")
+    position: PromptPosition = Field(-1, description="prompt position read, a negative index from the end (-1: the "
+                                     "last prompt token, as Heretic reads residuals)")
+    method: Annotated[Literal[METHODS], Invalid("unknown projection method {value!r}; choose one of {choices}")] = \
+        Field("pacmap", description=f"projection: {' or '.join(METHODS)} (fast)")
+    neighbors: int = Field(PACMAP_NEIGHBORS, ge=1, description="PaCMAP near neighbours (lowered automatically for "
+                           "few points)")
+    gif: bool = Field(True, description="also join the layers' pictures into residuals.gif")
+    fps: Annotated[FiniteFloat, Field(gt=0)] = Field(2.0, description="GIF frames (layers) per second")
+
+
+@command(PlotResidualsConfig)
+def plot_residuals(cfg: PlotResidualsConfig):
     """Plot residuals: per-layer 2-D projections of the prompt sets' activations at one site and position,
     oriented so the first (reference) set is on the left, with each layer's silhouette of the sets.
 
@@ -56,33 +60,22 @@ def plot_residuals(
     (silhouette per layer, in 2-D and in the full residual space), layer_<LL>.png per layer, residuals.gif and
     run.json.
     """
-    set_specs = _split_list(sets)
+    site, position, method = cfg.site, cfg.position, cfg.method
+    set_specs = _split_list(cfg.sets)
     if len(set_specs) < 2:
         raise ToolkitError(f"--sets needs 2 or more prompt sets (the first is the reference), got {len(set_specs)}")
-    label_list = _split_list(labels)
-    if labels is not None and len(label_list) != len(set_specs):
+    label_list = _split_list(cfg.labels)
+    if cfg.labels is not None and len(label_list) != len(set_specs):
         raise ToolkitError(f"--labels has {len(label_list)} entries for {len(set_specs)} sets")
-    color_list = _split_list(colors)
-    if colors is not None and len(color_list) != len(set_specs):
+    color_list = _split_list(cfg.colors)
+    if cfg.colors is not None and len(color_list) != len(set_specs):
         raise ToolkitError(f"--colors has {len(color_list)} entries for {len(set_specs)} sets")
     check_colors(color_list)
-    check_method(method)
-    if site not in SITES:
-        raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
-    if position >= 0:
-        raise ToolkitError(f"--position must be a negative index from the end of the prompt (-1 = last token), "
-                           f"got {position}")
-    if limit is not None and limit < 1:
-        raise ToolkitError("--limit must be >= 1")
-    if neighbors < 1:
-        raise ToolkitError("--neighbors must be >= 1")
-    if not fps > 0:
-        raise ToolkitError(f"--fps must be > 0, got {fps}")
-    parse_layers(layers)
+    parse_layers(cfg.layers)
     loaded = []
     for s in set_specs:
         ps = load_prompt_set(s)
-        loaded.append(ps.select(split).head(limit))
+        loaded.append(ps.select(cfg.split).head(cfg.limit))
     loaded = distinct_names(loaded)
     label_list = label_list or [ps.name for ps in loaded]
     if len(set(label_list)) != len(label_list):
@@ -93,10 +86,10 @@ def plot_residuals(
         raise ToolkitError(f"--method {method} needs at least {min_points(method)} prompts in all, got {n_points}"
                            + ("; use more prompts or --method pca" if method == "pacmap" else ""))
 
-    with Run("plot-residuals", name, force) as run:
-        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+    with Run("plot-residuals", cfg.name, cfg.force) as run:
+        ses = cfg.open_session()
         r, lm = ses.runner, ses.lm
-        lays = layer_list(lm, layers)
+        lays = layer_list(lm, cfg.layers)
 
         # one pass over every set's prompts, stopping after the last needed layer
         t0 = time.time()
@@ -110,11 +103,11 @@ def plot_residuals(
 
         from tqdm.auto import tqdm
 
-        hide = quiet or not sys.stderr.isatty()  # as the runner's own bars
+        hide = cfg.quiet or not sys.stderr.isatty()  # as the runner's own bars
         t0 = time.time()
         with tqdm(total=len(lays), desc=f"project ({method})", unit="layer", disable=hide, leave=False,
                   dynamic_ncols=True) as bar:
-            frames = project_layers(acts, groups, lays, method, seed=seed, n_neighbors=neighbors,
+            frames = project_layers(acts, groups, lays, method, seed=cfg.seed, n_neighbors=cfg.neighbors,
                                     progress=bar.update)
         run.time("project", time.time() - t0)
 
@@ -125,8 +118,8 @@ def plot_residuals(
                   dynamic_ncols=True) as bar:
             draw_frames(frames, groups, label_list, color_list, pngs, site=site, position=position, method=method,
                         model=_model_label(lm.model_id), progress=bar.update)
-        if gif:
-            write_gif(pngs, run.path("residuals.gif"), fps)
+        if cfg.gif:
+            write_gif(pngs, run.path("residuals.gif"), cfg.fps)
         run.time("draw", time.time() - t0)
 
         rows = []
@@ -147,14 +140,12 @@ def plot_residuals(
                    "separation_measure": "silhouette coefficient by set (scikit-learn, Euclidean) of the oriented "
                                          "2-D points and of the full activations",
                    "files": ["projection.csv", "separation.csv"] + [p.name for p in pngs]
-                   + (["residuals.gif"] if gif else [])}
+                   + (["residuals.gif"] if cfg.gif else [])}
         final = run.finish(model=lm.describe(), prompt_sets=[ps.describe() | {"label": lab, "color": col}
                                                              for ps, lab, col in zip(loaded, label_list, color_list)],
-                           seed=seed,
-                           params={"sets": set_specs, "labels": label_list, "colors": color_list, "split": split,
-                                   "limit": limit, "layers": lays, "site": site, "position": position,
-                                   "method": method, "neighbors": neighbors, "gif": gif, "fps": fps,
-                                   "system": system, "batch_size": batch_size},
+                           seed=cfg.seed,
+                           # the sets, labels, colours and layers as resolved (lists), as before the config
+                           params=cfg.params(sets=set_specs, labels=label_list, colors=color_list, layers=lays),
                            results=results)
     _print_separation(sep, label_list)
     console.print(f"wrote {final}")

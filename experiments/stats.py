@@ -24,6 +24,7 @@ from toolkit.stats import (CORRECTIONS, adjust_pvalues, aggregate_seeds, as_floa
                            paired_ttest, random_control, welch_ttest)
 
 from .common import ForceOpt, NameOpt, console, handle_errors, out
+from .config import NOT_COMPARED
 
 stats_app = typer.Typer(
     help="Statistics on finished runs: aggregate seeds, test two conditions prompt by prompt, compare a learned "
@@ -142,8 +143,9 @@ def seeds(
 
     Rows are matched across runs on the key columns; per row and metric the output gives the number of seeds, the
     mean, the SD and the t interval of the mean. The runs must be of one command with distinct seeds and identical
-    params apart from seed params. Rows missing from any run are dropped (and counted). Writes
-    runs/stats/NAME/seeds.csv and run.json.
+    params apart from seed params and the options that only say how, where or under which name a run was made
+    (:data:`experiments.config.NOT_COMPARED`: model, dtype, device, name, force, quiet). Rows missing from any run
+    are dropped (and counted). Writes runs/stats/NAME/seeds.csv and run.json.
     """
     if len(runs) < 2:
         raise ToolkitError(f"need at least 2 runs to aggregate over seeds, got {len(runs)}")
@@ -166,7 +168,7 @@ def seeds(
     for (folder, m) in loaded[1:]:
         p = m.get("params") or {}
         for k in list(p0) + [k for k in p if k not in p0]:
-            if "seed" in k.lower():
+            if "seed" in k.lower() or k in NOT_COMPARED:
                 continue
             if p0.get(k, "<absent>") != p.get(k, "<absent>"):
                 raise ToolkitError(f"runs differ in param {k!r}: {p0.get(k, '<absent>')!r} in {loaded[0][0]} vs "
