@@ -97,7 +97,7 @@ class Session:
 
 
 def open_session(model: str | None, dtype: str, device: str, batch_size: int, system: str | None,
-                 quiet: bool, seed: int = 0) -> Session:
+                 quiet: bool, seed: int = 0, device_map: str | None = None) -> Session:
     """Load the model and build the runner (the slow part of every command)."""
     import torch
 
@@ -109,7 +109,7 @@ def open_session(model: str | None, dtype: str, device: str, batch_size: int, sy
     torch.manual_seed(seed)
     _quiet_libraries()
     with console.status(f"loading model {model or 'default'}"):
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, device_map=device_map)
     fmt = ChatFormat(lm.tokenizer, system=system)
     runner = Runner(lm, fmt, batch_size=batch_size, progress=not quiet and sys.stderr.isatty())
     ids = refusal_token_ids(lm.tokenizer)

@@ -157,10 +157,10 @@ class CommandConfig(BaseModel):
 # options that say how, where or under which name a run was made, not what it measured: ``stats seeds`` lets them
 # differ between the runs it aggregates (a model's identity is checked by its hash; dtype and device were never
 # compared, as they were not in params before the configs recorded every option)
-NOT_COMPARED = frozenset({"model", "dtype", "device", "name", "force", "quiet"})
+NOT_COMPARED = frozenset({"model", "dtype", "device", "device_map", "name", "force", "quiet"})
 
 # the order the shared options have always had at the end of every command's --help
-_SHARED_ORDER = ("model", "dtype", "device", "batch_size", "system", "name", "force", "seed", "quiet")
+_SHARED_ORDER = ("model", "dtype", "device", "device_map", "batch_size", "system", "name", "force", "seed", "quiet")
 
 
 def field_order(cls: type[BaseModel]) -> list[str]:
@@ -181,6 +181,9 @@ class ModelOptions(CommandConfig):
                        "else float32; $REFUSAL_TOOLKIT_AUTO_DTYPE overrides it), float32, bfloat16, float16. "
                        "Statistics run in float32 or wider; run.json records the dtype")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps, xpu")
+    device_map: Optional[str] = Field(
+        None, description="spread a model larger than one device over several (accelerate): auto, balanced, "
+        "balanced_low_0, sequential, or a JSON object {module: device}; --device then only chooses the dtype")
     batch_size: Annotated[int, Cli("--batch-size", "-b")] = Field(16, ge=1, description="prompts per forward pass")
     system: Optional[str] = Field(None, description="system prompt [default: the chat template's own behaviour]")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="random seed (recorded; greedy decoding is deterministic)")
@@ -191,7 +194,7 @@ class ModelOptions(CommandConfig):
         from .common import open_session
 
         return open_session(self.model, self.dtype, self.device, self.batch_size, self.system, self.quiet,
-                            self.seed)
+                            self.seed, self.device_map)
 
 
 class RunOptions(CommandConfig):

@@ -31,7 +31,8 @@ from toolkit.errors import ToolkitError
 
 CONVERTED = {"score": ScoreConfig, "compare": CompareConfig, "patch": PatchConfig, "geometry": GeometryConfig,
              "plot-residuals": PlotResidualsConfig}
-SHARED = ["--model", "--dtype", "--device", "--batch-size", "--system", "--name", "--force", "--seed", "--quiet"]
+SHARED = ["--model", "--dtype", "--device", "--device-map", "--batch-size", "--system", "--name", "--force", "--seed",
+          "--quiet"]
 
 
 def click_params(cmd: str) -> dict:
@@ -61,12 +62,12 @@ def test_generated_signature_has_every_field_then_config(cmd):
     fields = {n for n in params if n != "--config"}
     assert len(fields) == len(cls.model_fields), names
     if cmd != "compare":
-        # the nine shared options, in the order --help has always listed them, at the end
+        # the shared options, in the order --help has always listed them (--device-map after --device), at the end
         assert [n for n in params if n in SHARED] == SHARED
         assert list(params)[-len(SHARED) - 1:-1] == SHARED
 
 
-def test_shared_options_are_the_nine_common_ones():
+def test_shared_options_are_the_common_ones():
     shared = [f"--{n.replace('_', '-')}" for n in list(ModelOptions.model_fields) + list(RunOptions.model_fields)]
     assert sorted(shared) == sorted(SHARED)
 
@@ -311,3 +312,20 @@ def test_score_and_compare_record_the_config_as_params(env, monkeypatch):
     meta = json.loads((env / "compare" / "c" / "run.json").read_text())
     assert meta["params"] == CompareConfig(runs=[str(env / "score" / "s")], name="c").params()
     assert meta["params"]["runs"] == [str(env / "score" / "s")]
+
+
+def test_device_map_option_places_the_model_and_is_recorded(env):
+    """``--device-map`` takes accelerate's strategies or a JSON object; the map is recorded in run.json's model,
+    the run's scores equal a run without it, and a malformed map is one error line before any run is made."""
+    model, h, b = tiny_files(env.parent)
+    common = ["score", str(h), "--model", model, "--dtype", "float32", "--limit", "3", "--gen-tokens", "0", "-q"]
+    assert_ok(invoke(common + ["--name", "plain"]))
+    assert_ok(invoke(common + ["--name", "placed", "--device-map", '{"": "cpu"}']))
+    placed = json.loads((env / "score" / "placed" / "run.json").read_text())
+    assert placed["model"]["device_map"] == {"": "cpu"} and placed["params"]["device_map"] == '{"": "cpu"}'
+    assert json.loads((env / "score" / "plain" / "run.json").read_text())["model"]["device_map"] is None
+    a = (env / "score" / "plain" / "scores.csv").read_text()
+    assert a == (env / "score" / "placed" / "scores.csv").read_text()
+    for bad in ("everywhere", "{not json", "[1]"):
+        assert_usage_error(invoke(common + ["--name", "bad", "--device-map", bad]), "device map")
+    assert not (env / "score" / "bad").exists()

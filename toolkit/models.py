@@ -315,11 +315,18 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 def check_device_map(device_map):
     """A device map as ``transformers``/accelerate take it: one of :data:`DEVICE_MAP_STRATEGIES` or a dict
-    ``{module name: device}`` (devices as ints, ``"cpu"``, ``"cuda:N"``, ``"mps"``, ``"disk"``), or None.
+    ``{module name: device}`` (devices as ints, ``"cpu"``, ``"cuda:N"``, ``"mps"``, ``"disk"``), or None. Text
+    that starts with ``{`` is read as a JSON object (how a map is given on the command line).
 
     Raises:
-        ToolkitError: another string, or a dict with non-string keys or an empty one.
+        ToolkitError: another string, text that is not a JSON object, or a dict with non-string keys or an empty
+            one.
     """
+    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except ValueError:
+            raise ToolkitError(f"device map {device_map!r} is not a JSON object") from None
     if device_map is None or device_map in DEVICE_MAP_STRATEGIES:
         return device_map
     if isinstance(device_map, dict) and device_map and all(isinstance(k, str) for k in device_map):
