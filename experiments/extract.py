@@ -8,7 +8,7 @@ import time
 import pandas as pd
 import typer
 
-from toolkit.directions import Direction, DirectionSet
+from toolkit.directions import DirectionSet
 from toolkit.errors import ToolkitError
 from toolkit.index_spec import LayerSpec, PositionSpec
 from toolkit.prompts import distinct_names, load_prompt_set

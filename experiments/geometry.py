@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pandas as pd
 import torch
 import typer
 from rich.table import Table
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from toolkit.directions import DirectionSet
 from toolkit.errors import ToolkitError
 from toolkit.geometry import residual_geometry
 from toolkit.hooks import SITES
+from toolkit.index_spec import LayerSpec
+from toolkit.residuals import residuals
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, layer_list, open_session, out, parse_layers, residuals)
+                     console, handle_errors, open_session, out)
 
 COLUMNS = [("cos_g_b", "S(g,b)"), ("cos_gm_bm", "S(g*,b*)"), ("cos_g_r", "S(g,r)"), ("cos_gm_rm", "S(g*,r*)"),
            ("cos_b_r", "S(b,r)"), ("cos_bm_rm", "S(b*,r*)"), ("norm_g", "|g|"), ("norm_gm", "|g*|"),
@@ -49,7 +50,7 @@ def geometry(
     """
     if site not in SITES:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
-    parse_layers(layers)  # syntax, before the model is loaded
+    layer_spec = LayerSpec.parse(layers)  # before the model is loaded
     G = load_prompt_set(harmless).select(split).head(limit)
     B = load_prompt_set(harmful).select(split).head(limit)
     G, B = distinct_names([G, B])
@@ -58,7 +59,7 @@ def geometry(
     with Run("geometry", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         lm = ses.lm
-        lay = layer_list(lm, layers)
+        lay = list(layer_spec.resolve(lm.n_layers))
         t0 = time.time()
         Xg = residuals(ses.runner, G.prompts, lay, site, position, "harmless residuals")
         Xb = residuals(ses.runner, B.prompts, lay, site, position, "harmful residuals")
@@ -75,14 +76,13 @@ def geometry(
         run.write_csv("geometry.csv", df)
         rm = torch.stack(medians)
         norms = torch.cat([Xg, Xb]).double().norm(dim=-1).mean(0)
-        meta = {"model_id": lm.model_id, "model_hash": lm.model_hash, "d_model": lm.d_model, "site": site,
-                "position": position, "kind": "geometry", "split": split,
-                "method": "difference-in-means per layer: mean harmful - mean harmless"}
-        save_file({"directions": (Xb.double().mean(0) - Xg.double().mean(0)).float(),
-                   "median_directions": rm.float(), "mean_harmful": Xb.double().mean(0).float(),
-                   "mean_harmless": Xg.double().mean(0).float(), "resid_norm": norms.float(),
-                   "layers": torch.tensor(lay)},
-                  str(run.path("directions.safetensors")), metadata={"meta": json.dumps(meta)})
+        DirectionSet(Xb.double().mean(0) - Xg.double().mean(0), lay, site=site, position=position,
+                     model_hash=lm.model_hash, model_id=lm.model_id,
+                     method="difference-in-means per layer: mean harmful - mean harmless",
+                     extra={"kind": "geometry", "split": split},
+                     tensors={"median_directions": rm, "mean_harmful": Xb.double().mean(0),
+                              "mean_harmless": Xg.double().mean(0), "resid_norm": norms}
+                     ).save(run.path("directions.safetensors"))
         best = df.loc[df.silhouette.idxmax()] if silhouette and df.silhouette.notna().any() else None
         results = {"layers": lay, "best_silhouette": None if best is None else
                    {"layer": int(best.layer), "silhouette": float(best.silhouette)}}

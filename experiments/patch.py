@@ -9,32 +9,18 @@ import typer
 
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
-from toolkit.patching import (DIRECTIONS, check_positions, head_components, head_layout, max_variants,
+from toolkit.patching import (DIRECTIONS, head_components, head_layout, max_variants,
                               normalised_effect, pair_by_length, parse_sites, plan_passes, run_patching,
                               site_components)
+from toolkit.index_spec import LayerSpec, PositionSpec
 from toolkit.prompts import PromptSet, load_prompt_set
 from toolkit.runs import Run
-from toolkit.steering import parse_positions
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, layer_list, open_session, out, parse_layers, styled, sweep_bar)
+                     console, handle_errors, open_session, out, styled, sweep_bar)
 
 MAX_ROWS = 256  # rows per stacked forward pass (components x prompts of one base batch)
 UNSTABLE_GAP = 0.5  # score units: below this clean-corrupt gap normalised figures are unstable
-
-
-def _positions(spec: str | None, post: list[int], last_k: int, opt: str = "--positions") -> list[int]:
-    """``None``: the post-instruction positions and the last ``last_k`` (the union); else :func:`parse_positions`
-    (``post``, ``last`` or negative indices; ``all`` is refused)."""
-    if spec is None:
-        return sorted(set(post) | set(range(-last_k, 0)))
-    try:
-        pos = parse_positions(spec, post)
-    except ToolkitError as e:
-        raise ToolkitError(str(e).replace("--positions", opt)) from None
-    if pos is None:
-        raise ToolkitError(f"{opt} all is not supported: patch named positions (negative indices, post, last)")
-    return pos
 
 
 def _select(spec: str, split: str, column: str | None) -> PromptSet:
@@ -95,10 +81,9 @@ def patch(
     site_list = parse_sites(sites)
     if pairs < 1 or max_len_diff < 0 or last_k < 0 or top < 0 or bootstrap < 0:
         raise ToolkitError("--pairs must be >= 1 and --max-len-diff, --last-k, --top, --bootstrap >= 0")
-    parse_layers(layers)
-    for spec, opt in ((positions, "--positions"), (head_positions if heads else None, "--head-positions")):
-        if spec is not None:
-            _positions(spec, [-1], last_k, opt)  # syntax only; post positions come from the model's template
+    layer_spec = LayerSpec.parse(layers)  # before the model is loaded
+    pos_spec = PositionSpec.parse(positions, "positions", allow_all=False)
+    hpos_spec = PositionSpec.parse(head_positions if heads else None, "head_positions", allow_all=False)
     if positions is None and last_k == 0:
         raise ToolkitError("--last-k 0 leaves only the post-instruction positions: give --positions post instead")
     hset, bset = _select(harmful, split, column), _select(harmless, split, column)
@@ -106,10 +91,11 @@ def patch(
     with Run("patch", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r, lm = ses.runner, ses.lm
-        lays = layer_list(lm, layers)
+        lays = list(layer_spec.resolve(lm.n_layers))
         post = ses.fmt.post_positions()
-        pos = list(check_positions(_positions(positions, post, last_k)))
-        hpos = list(check_positions(_positions(head_positions, post, last_k, "--head-positions"))) if heads else []
+        default = sorted(set(post) | set(range(-last_k, 0)))  # the post-instruction positions and the last K
+        pos = list(pos_spec.resolve(post, default))
+        hpos = list(hpos_spec.resolve(post, default)) if heads else []
         lay = head_layout(lm.model) if heads else None
 
         # pairs by formatted token length

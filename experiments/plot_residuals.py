@@ -15,11 +15,13 @@ from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
 from toolkit.projection import (METHODS, PACMAP_NEIGHBORS, check_colors, check_method, default_colors, draw_frames,
                                 min_points, project_layers, write_gif)
+from toolkit.index_spec import LayerSpec
+from toolkit.residuals import residuals
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt, console,
-                     finite, handle_errors, layer_list, open_session, out, parse_layers, residuals)
+                     finite, handle_errors, open_session, out)
 
 
 def _split_list(text: str | None) -> list[str]:
@@ -78,7 +80,7 @@ def plot_residuals(
         raise ToolkitError("--neighbors must be >= 1")
     if not fps > 0:
         raise ToolkitError(f"--fps must be > 0, got {fps}")
-    parse_layers(layers)
+    layer_spec = LayerSpec.parse(layers)  # before the model is loaded
     loaded = []
     for s in set_specs:
         ps = load_prompt_set(s)
@@ -96,7 +98,7 @@ def plot_residuals(
     with Run("plot-residuals", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r, lm = ses.runner, ses.lm
-        lays = layer_list(lm, layers)
+        lays = list(layer_spec.resolve(lm.n_layers))
 
         # one pass over every set's prompts, stopping after the last needed layer
         t0 = time.time()

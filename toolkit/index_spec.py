@@ -1,4 +1,4 @@
-"""Which layers and which prompt positions: parsed once, resolved once against the model.
+"""Which layers, which prompt positions (and which hook site): parsed once, resolved once against the model.
 
 A command parses its ``layers``/``positions`` text with :meth:`LayerSpec.parse` / :meth:`PositionSpec.parse`
 before the model loads (a typo fails at once), then resolves it once against the model (:meth:`LayerSpec.resolve`,
@@ -176,3 +176,16 @@ def check_position(position: int, param: str = "position") -> int:
     if position >= 0:
         raise ToolkitError(f"must be a negative index from the end of the prompt, got {position}", param=param)
     return int(position)
+
+
+def check_site(site: str, param: str = "site") -> str:
+    """A hook site name (:data:`toolkit.hooks.SITES`).
+
+    Raises:
+        ToolkitError (``param``): an unknown site.
+    """
+    from .hooks import SITES
+
+    if site not in SITES:
+        raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}", param=param)
+    return site
