@@ -60,6 +60,15 @@ def flag_of(param: str) -> str:
     return PARAM_FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
+def cli_message(e: ToolkitError) -> str:
+    """An engine error as the CLI prints it: ``--flag: message`` for an error about one parameter, and every
+    parameter the message names in backquotes (```force```) as its flag."""
+    import re
+
+    text = re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag_of(m.group(1)), e.message)
+    return f"{flag_of(e.param)}: {text}" if e.param else text
+
+
 def finite(*, gt: float | None = None, ge: float | None = None, le: float | None = None, lt: float | None = None):
     """A Typer callback for a float option that must be finite (NaN and infinities are refused: a NaN threshold
     compares false with everything and would silently disable a filter) and within the given bounds.
@@ -94,8 +103,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ToolkitError as e:
-            text = f"{flag_of(e.param)}: {e.message}" if e.param else str(e)
-            console.print(styled("error:", "bold red", " " + " ".join(text.split())), highlight=False,
+            console.print(styled("error:", "bold red", " " + " ".join(cli_message(e).split())), highlight=False,
                           soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:

@@ -159,7 +159,8 @@ def _check_extra(extra: dict) -> None:
 def _metadata(obj, norm: float | None) -> dict:
     """Schema-:data:`SCHEMA` metadata of a Direction or DirectionSet (``source`` is where it is read from, so it
     is not written)."""
-    meta = {"schema": SCHEMA, **{k: getattr(obj, k) for k in _FIELDS if k != "source"}, **obj.extra}
+    meta = {"schema": SCHEMA, **{k: getattr(obj, k) for k in _FIELDS if k != "source" and hasattr(obj, k)},
+            **obj.extra}
     if norm is not None:
         meta["norm"] = norm
     return meta
@@ -395,6 +396,7 @@ class DirectionSet:
             raise ToolkitError(f"{path} holds directions {tuple(t.shape)} for {tuple(layers.shape)} layers; "
                                "expected [n_layers, d_model] and [n_layers]")
         fields["d_model"] = None  # from the tensor
+        fields.pop("layer")  # a set's layers are its ``layers`` tensor
         s = cls(t, tuple(layers.tolist()), None if positions is None else tuple(positions.tolist()),
                 source=str(path), extra=extra, tensors=tensors, **fields)  # shape errors name the file
         return s if source is None else replace(s, source=str(source))

@@ -11,7 +11,9 @@ class ToolkitError(Exception):
     The message must fit on one line and say what is wrong and, where possible, how to fix it. It names engine
     parameters, never command-line flags: an error about one parameter passes ``param`` (the engine's name, e.g.
     ``"layers"`` or ``"gen_tokens"``) and a message about its value; ``str(error)`` is then ``"layers: <message>"``,
-    and the CLI prints the parameter's flag instead (``error: --layers: <message>``).
+    and the CLI prints the parameter's flag instead (``error: --layers: <message>``). A message that refers to
+    another parameter writes its name in backquotes (``"choose another `name` or pass `force`"``); the CLI prints
+    those as flags too.
 
     Attributes:
         message: the message without the parameter name.

@@ -139,8 +139,10 @@ class PositionSpec:
         except ToolkitError:
             raise ToolkitError(f"must be {'all, ' if allow_all else ''}last, post or negative indices like "
                                f"'-1,-2', got {text!r}", param=param) from None
-        if any(p >= 0 for p in pos):
-            raise ToolkitError(f"indices must be negative (from the end of the prompt), got {text!r}", param=param)
+        bad = [p for p in pos if p >= 0]
+        if bad:
+            raise ToolkitError(f"position {bad[0]} is not a negative index (from the end of the prompt) in {text!r}",
+                               param=param)
         return cls(text, None, tuple(sorted(set(pos))), param)
 
     @property

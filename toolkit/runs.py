@@ -171,7 +171,7 @@ class Run:
         root = Path(root) if root is not None else runs_root()
         self.final = root / command / name
         if self.final.exists() and not force:
-            raise ToolkitError(f"run {self.final} already exists; choose another name or force its replacement",
+            raise ToolkitError(f"run {self.final} already exists; choose another `name` or pass `force`",
                                param="name")
         self._created: list[Path] = []
         self.dir = self.final.parent / f".{name}.tmp"
@@ -190,7 +190,7 @@ class Run:
                 mine = True
             except FileExistsError:
                 raise ToolkitError(f"run {self.final} is being written by another process ({_owner_text(self.dir)}); "
-                                   "choose another name", param="name") from None
+                                   "choose another `name`", param="name") from None
             (self.dir / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                            "started": time.time()}))
         except OSError as e:
@@ -269,7 +269,7 @@ class Run:
             if self.final.exists() or self.final.is_symlink():
                 if not self.force:
                     raise ToolkitError(f"run {self.final} was created by another command while this one ran; "
-                                       "nothing was replaced (use another name, or force its replacement)",
+                                       "nothing was replaced (use another `name`, or `force` to replace it)",
                                        param="name")
                 old = self.final.with_name(f".{self.name}.old-{os.getpid()}")
                 os.replace(self.final, old)
@@ -427,9 +427,9 @@ def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit: int | 
         raise ToolkitError(f"baseline run {folder} was made with another model ({meta['model'].get('id')})")
     params = meta.get("params", {})
     if params.get("gen_tokens") != gen_tokens or params.get("split") != split or params.get("limit") != limit:
-        raise ToolkitError(f"run {folder} used split {params.get('split')}, gen_tokens "
-                           f"{params.get('gen_tokens')}, limit {params.get('limit')}; this run uses {split}, "
-                           f"{gen_tokens}, {limit}", param="baseline")
+        raise ToolkitError(f"baseline run {folder} used split {params.get('split')}, `gen_tokens` "
+                           f"{params.get('gen_tokens')}, `limit` {params.get('limit')}; this run uses {split}, "
+                           f"{gen_tokens}, {limit}")
     sets = {p.get("name"): p for p in meta.get("prompt_sets", [])}
     if ps.name not in sets or sets[ps.name].get("sha256") != ps.sha256:
         raise ToolkitError(f"baseline run {folder} has no scores for prompt set {ps.name} with this file's hash")

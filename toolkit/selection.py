@@ -301,7 +301,7 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
     keep_b = np.flatnonzero(ev_b.scores < 0) if filter_by != "none" else np.arange(len(harmless))
     if len(keep_h) == 0 or len(keep_b) == 0:
         raise ToolkitError(f"training filter left {len(keep_h)} harmful and {len(keep_b)} harmless prompts; "
-                           "use filter 'none' or more prompts", param="filter_by")
+                           "use `filter_by` none or more prompts")
     mh = acts_h["resid_pre"][torch.as_tensor(keep_h)].double().mean(0)
     mb = acts_b["resid_pre"][torch.as_tensor(keep_b)].double().mean(0)
     return Candidates(mh - mb, layers, positions, keep_h.tolist(), keep_b.tolist(),
