@@ -43,7 +43,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +308,6 @@ class LoadedModel:
     source: str
     dtype: torch.dtype
     device: torch.device
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -524,7 +523,6 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     spec = spec or DEFAULT_MODEL_ALIAS
-    extra: dict = {}
     if spec == DEFAULT_MODEL_ALIAS:
         sha = DEFAULT_GGUF_SHA256
         folder = _gguf_cache_dir(sha)
@@ -534,7 +532,6 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
         repair_cache_config(folder)
         model, tok = _load_folder(folder, dt, dev)
         model_hash, source = sha, str(folder)
-        extra["name"] = DEFAULT_MODEL_NAME
     elif spec.lower().endswith(".gguf"):
         gguf = Path(spec).expanduser()
         if not gguf.is_file():
@@ -565,7 +562,7 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model, tok, spec, model_hash, source, dt, dev, extra)
+    return LoadedModel(model, tok, spec, model_hash, source, dt, dev)
 
 
 def _load_hub(spec: str, dt: torch.dtype):
