@@ -166,8 +166,23 @@ def _metadata(obj, norm: float | None) -> dict:
     return meta
 
 
+@dataclass(frozen=True, kw_only=True)
+class Provenance:
+    """Where directions come from: the keyword-only fields shared by :class:`Direction` and :class:`DirectionSet`
+    (each documents them)."""
+
+    site: str | None = None
+    position: int | None = None
+    model_hash: str | None = None
+    model_id: str | None = None
+    d_model: int | None = None
+    method: str | None = None
+    source: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
-class Direction:
+class Direction(Provenance):
     """One direction in the residual stream with its provenance: the value every command reads and writes.
 
     Attributes:
@@ -189,14 +204,6 @@ class Direction:
 
     vector: torch.Tensor
     layer: int | None = None
-    site: str | None = None
-    position: int | None = None
-    model_hash: str | None = None
-    model_id: str | None = None
-    d_model: int | None = None
-    method: str | None = None
-    source: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         v = self.vector
@@ -278,7 +285,7 @@ class Direction:
 
 
 @dataclass(frozen=True)
-class DirectionSet:
+class DirectionSet(Provenance):
     """Per-layer directions of one run (cones, geometry, extract's candidates) with one provenance.
 
     Attributes:
@@ -299,14 +306,6 @@ class DirectionSet:
     vectors: torch.Tensor
     layers: tuple[int, ...]
     positions: tuple[int, ...] | None = None
-    site: str | None = None
-    position: int | None = None
-    model_hash: str | None = None
-    model_id: str | None = None
-    d_model: int | None = None
-    method: str | None = None
-    source: str | None = None
-    extra: dict = field(default_factory=dict)
     tensors: dict = field(default_factory=dict)
 
     def __post_init__(self):
