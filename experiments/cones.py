@@ -17,7 +17,7 @@ from toolkit.cones import ablation_test, cone_tables, pick_layer, separation
 from toolkit.geometry import (LINEAR_MAX_DIM, LINEAR_MIN_COS, POLY_MAX_COS, POLY_MIN_DIM, cone_distributions,
                               contrast_layers, kmeans_scan)
 from toolkit.hooks import SITES
-from toolkit.index_spec import LayerSpec
+from toolkit.index_spec import LayerSpec, check_position
 from toolkit.residuals import residuals
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
@@ -75,6 +75,7 @@ def cones(
     if site not in SITES:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
     layer_spec = LayerSpec.parse(layers)  # before the model is loaded
+    check_position(position)
     H = load_prompt_set(harmful).select(split)
     G = load_prompt_set(harmless).select(split)
     H, G = distinct_names([H, G])

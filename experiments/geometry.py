@@ -14,7 +14,7 @@ from toolkit.directions import DirectionSet
 from toolkit.errors import ToolkitError
 from toolkit.geometry import residual_geometry
 from toolkit.hooks import SITES
-from toolkit.index_spec import LayerSpec
+from toolkit.index_spec import LayerSpec, check_position
 from toolkit.residuals import residuals
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
@@ -51,6 +51,7 @@ def geometry(
     if site not in SITES:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
     layer_spec = LayerSpec.parse(layers)  # before the model is loaded
+    check_position(position)
     G = load_prompt_set(harmless).select(split).head(limit)
     B = load_prompt_set(harmful).select(split).head(limit)
     G, B = distinct_names([G, B])

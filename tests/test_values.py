@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_cli import assert_usage_error, invoke, sets  # noqa: F401  (sets is a fixture)
+from test_cli import D_MODEL, HARMFUL, assert_ok, assert_usage_error, invoke, write_set
 from toolkit.directions import SCHEMA, Direction, DirectionSet, save_direction
 from toolkit.errors import ToolkitError
 from toolkit.index_spec import LayerSpec, PositionSpec, check_position, check_site
@@ -291,14 +291,10 @@ def test_cli_empty_layer_selection_is_one_error_line_before_the_model_loads(env,
     assert line == f"error: --layers: '{layers}' names no layer (a range a:b is half-open: it needs a < b)"
 
 
-def test_cli_site_defaults_to_the_directions_site(env, sets, tiny_folder, tmp_path):  # noqa: F811
-    from test_cli import D_MODEL
-
-    h, b = sets
+def test_cli_site_defaults_to_the_directions_site(env, tiny_folder, tmp_path):
+    h = write_set(tmp_path / "h.jsonl", HARMFUL, "h")
     f = tmp_path / "d.safetensors"
     Direction(_vec(d=D_MODEL), layer=1, site="resid_post").save(f)
-    from test_cli import assert_ok
-
     assert_ok(invoke(["steer", "--direction", f, "--sets", h, "--split", "test", "--alpha", "0,1", "--no-plot",
                       "--model", tiny_folder, "--quiet", "--batch-size", "4", "--name", "s"]))
     run = json.loads((env / "steer" / "s" / "run.json").read_text())
