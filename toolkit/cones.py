@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from .errors import ToolkitError
-from .geometry import (basic_interval, cone_label, percentile_interval, permutation_p, polyhedral_share)
+from .geometry import basic_interval, cone_label, percentile_interval, permutation_p, polyhedral_share
 from .prompts import PromptSet
 from .stats import mean_summary, rate_summary
 
@@ -39,8 +39,14 @@ def cone_tables(dist: dict, layers: list[int], norms: np.ndarray, pooled: torch.
     and 97.5th percentiles of the random-split figures; p-values are one-sided permutation p-values.
 
     Args:
-        norms: mean residual norm per layer ``[L]``; pooled: pooled direction ``[L, d]``; sep: ``[L]``;
-        cat_dirs: category directions ``[k, L, d]`` (for each one's cosine with the pooled direction).
+        dist: the distributions (``categories``, ``sizes``, ``point``, ``boot``, ``null``).
+        layers: the ``L`` analysed layers.
+        norms: mean residual norm per layer ``[L]``; pooled: pooled direction ``[L, d]`` float64; sep: ``[L]``;
+        cat_dirs: category directions ``[k, L, d]`` float64 (for each one's cosine with the pooled direction).
+
+    Returns:
+        ``{"cones": per layer, "categories": per layer x category, "pairs": per layer x category pair}`` (pandas
+        DataFrames, the ``cones.csv``, ``categories.csv`` and ``pairs.csv`` of a cones run).
     """
     cats, sizes, P, B, N = dist["categories"], dist["sizes"], dist["point"], dist["boot"], dist["null"]
     k = len(cats)

@@ -42,7 +42,8 @@ def diff_in_means(sum_a: torch.Tensor, n_a: int, sum_b: torch.Tensor, n_b: int) 
 
 
 def save_direction(path: Path, direction: torch.Tensor, meta: dict) -> None:
-    """Write a direction ``[d_model]`` (float32, raw norm kept) and its metadata to a safetensors file."""
+    """Write a direction ``[d_model]`` (float32, raw norm kept) with metadata as given to a safetensors file: the
+    file layer under :meth:`Direction.save` (which commands use), also for hand-made or old-schema files."""
     save_file({"direction": direction.float().contiguous()}, str(path),
               metadata={"meta": json.dumps(meta, sort_keys=True)})
 
@@ -109,21 +110,18 @@ def check_direction_meta(meta: dict, where) -> dict:
 
 
 def load_direction(path: Path) -> tuple[torch.Tensor, dict]:
-    """Read a direction file written by :func:`save_direction` -> (``[d_model]`` float32, metadata).
+    """Read a direction file of any schema version -> (``[d_model]`` float32, its metadata as stored): the file
+    layer under :meth:`Direction.load` (which commands use).
 
     Raises:
         ToolkitError: missing, truncated or unreadable file, metadata that is not a JSON object or has a known key
             of the wrong type (:func:`check_direction_meta`), no ``direction`` tensor, or one that is not a finite
-            ``[d_model]`` float vector.
+            ``[d_model]`` float vector (checked as :class:`Direction` checks it).
     """
     path = Path(path)
     tensors, meta = read_tensors(path, ("direction",), "direction file")
-    t = tensors["direction"]
-    if t.ndim != 1:
-        raise ToolkitError(f"direction in {path} has shape {tuple(t.shape)}, expected [d_model]")
-    if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-        raise ToolkitError(f"direction in {path} is not a finite floating-point vector")
-    return t.float(), check_direction_meta(meta, path)
+    vector = Direction(tensors["direction"], source=str(path)).vector
+    return vector, check_direction_meta(meta, path)
 
 
 # ------------------------------------------------------------------------------------------------ values
@@ -183,7 +181,8 @@ class Provenance:
 
 @dataclass(frozen=True)
 class Direction(Provenance):
-    """One direction in the residual stream with its provenance: the value every command reads and writes.
+    """One direction in the residual stream with its provenance: the value every command reads and writes
+    (extract's difference-in-means, Arditi et al. 2024; steer's Refusal Dial top-k minus bottom-k; any file).
 
     Attributes:
         vector: ``[d_model]`` float32 on the CPU, its raw norm kept (difference-in-means is not normalised).
@@ -286,7 +285,9 @@ class Direction(Provenance):
 
 @dataclass(frozen=True)
 class DirectionSet(Provenance):
-    """Per-layer directions of one run (cones, geometry, extract's candidates) with one provenance.
+    """Per-layer directions of one run with one provenance: difference-in-means per layer from cones (OBLITERATUS's
+    concept cones, pooled direction) and geometry (Heretic's residual geometry), or extract's candidate grid
+    (Arditi et al. 2024); the input of ``refusal imprint``.
 
     Attributes:
         vectors: ``[n_layers, d_model]`` float32, or a grid ``[n_layers, n_positions, d_model]`` when ``positions``

@@ -15,6 +15,10 @@ Conventions (one for every command):
   or a keyword: ``post`` (the chat template's post-instruction positions), ``last`` (``-1``), ``all`` (every
   position of every pass, generated tokens included: resolved to None);
 * an empty selection (``""``, ``"5:5"``, ``"3:1"``) is an error, never an empty tuple.
+
+Normalising indices once, at the boundary, follows repeng's ``ControlModel`` (layer ids normalised on entry).
+Errors are :class:`~toolkit.errors.ToolkitError` with ``param`` set to the parameter parsed (``layers``,
+``positions``, ...), which the CLI prints as its flag.
 """
 
 from __future__ import annotations
