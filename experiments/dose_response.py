@@ -64,7 +64,7 @@ def dose_response(
     site = check_site(site or d.site or "resid_pre")
     if layer is None and d.layer is None:
         raise ToolkitError("the direction file names no layer; pass --layer")
-    layer_spec = LayerSpec.parse(str(d.layer), "direction") if layer is None else LayerSpec.parse(str(layer), "layer")
+    layer_spec = LayerSpec.of([d.layer], "direction") if layer is None else LayerSpec.of([layer], "layer")
     sets = []
     for role, spec in (("harmful", harmful), ("benign", benign)):
         ps = load_prompt_set(spec)

@@ -12,7 +12,6 @@ import typer
 
 from toolkit.directions import Direction
 from toolkit.errors import ToolkitError
-
 from toolkit.index_spec import LayerSpec, PositionSpec, check_site
 from toolkit.prompts import PromptSet, distinct_names, load_prompt_set
 from toolkit.runs import Run
@@ -79,6 +78,8 @@ def steer(
         raise ToolkitError("--random, --orthogonal and --gen-tokens must be >= 0 and --limit >= 1")
     layer_spec = LayerSpec.parse(layers)
     pos_spec = PositionSpec.parse(positions)
+    d = Direction.resolve(direction) if direction is not None else None
+    site = check_site(site or (d.site if d is not None and d.site else "resid_pre"))
     units: list[Unit] = []
     learn_ps = train_ps = None
     if learn is not None:
@@ -102,8 +103,6 @@ def steer(
         raise ToolkitError("nothing to evaluate: give --sets")
     for u, ps in zip(units, distinct_names([u.ps for u in units])):
         u.ps = ps
-    d = Direction.resolve(direction) if direction is not None else None
-    site = check_site(site or (d.site if d is not None and d.site else "resid_pre"))
 
     with Run("steer", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)

@@ -189,6 +189,17 @@ def test_layer_spec_parses_and_resolves(text, n, expected):
     assert LayerSpec.parse(text).resolve(n) == expected
 
 
+def test_layer_spec_of_ints():
+    s = LayerSpec.of([-1], "layer")
+    assert (s.text, s.indices, s.param, s.given) == ("-1", (-1,), "layer", True)
+    assert s.resolve(4) == (3,)
+    with pytest.raises(ToolkitError) as e:
+        LayerSpec.of([99], "direction").resolve(4)
+    assert str(e.value) == "direction: layer 99 is out of range: this model has 4 layers (0..3)"
+    with pytest.raises(ToolkitError, match="layers: names no layer"):
+        LayerSpec.of([])
+
+
 def test_layer_spec_not_given_uses_its_default_checked_the_same_way():
     s = LayerSpec.parse(None)
     assert not s.given and s.indices is None

@@ -76,6 +76,18 @@ class LayerSpec:
             return cls(None, None, param)
         return cls(text, _parse_indices(str(text), param, "layer"), param)
 
+    @classmethod
+    def of(cls, indices: Sequence[int], param: str = "layers") -> "LayerSpec":
+        """A selection given as ints rather than text (an integer option, a direction's recorded layer).
+
+        Raises:
+            ToolkitError (``param``): no index.
+        """
+        idx = tuple(int(i) for i in indices)
+        if not idx:
+            raise ToolkitError("names no layer", param=param)
+        return cls(",".join(map(str, idx)), idx, param)
+
     @property
     def given(self) -> bool:
         """Whether a selection was given (else :meth:`resolve` returns its default)."""
