@@ -1,4 +1,5 @@
-"""Activation steering with controls: alpha grids, scales, positions, random directions, holdout splits.
+"""Activation steering with controls: alpha grids, scales, random directions, holdout splits (positions: see
+:mod:`toolkit.index_spec`; summaries of sweeps: :mod:`toolkit.steering_summary`).
 
 Steering is activation addition (:func:`toolkit.interventions.activation_addition`):
 ``x <- x + alpha * s * r_hat`` at one site of the chosen layers, where ``r_hat`` is a unit direction and
