@@ -166,6 +166,37 @@ def test_old_cones_file_loads(tmp_path):
     assert tuple(s.tensors["category_directions"].shape) == (2, 2, D)
 
 
+def _old_extract_run(runs, name: str, chosen_pos: int) -> torch.Tensor:
+    """An extract run as the toolkit wrote it before the direction schema: candidates without metadata and a
+    direction file with ``pos``; returns the candidate grid ``[n_layers, n_positions, d_model]``."""
+    from toolkit.runs import Run
+
+    grid = torch.randn(3, 2, D)
+    with Run("extract", name, root=runs) as run:
+        save_file({"directions": grid, "mean_harmful": grid.clone(), "mean_harmless": grid.clone(),
+                   "layers": torch.tensor([0, 1, 2]),
+                   "positions": torch.tensor([-2, -1])}, str(run.path("candidates.safetensors")))
+        save_direction(run.path("direction.safetensors"), grid[1, 0], {"layer": 1, "pos": chosen_pos,
+                                                                      "site": "resid_pre", "model_hash": "d" * 64})
+        run.finish(model={"id": "m", "hash": "d" * 64}, prompt_sets=[], seed=0, params={},
+                   results={"chosen": {"layer": 1, "pos": chosen_pos}})
+    return grid
+
+
+def test_old_extract_run_resolves_as_direction_and_direction_set(runs):
+    grid = _old_extract_run(runs, "old", -2)
+    d = Direction.resolve(str(runs / "extract" / "old"))
+    assert d.source == str(runs / "extract" / "old") and (d.layer, d.position, d.site) == (1, -2, "resid_pre")
+    assert torch.equal(d.vector, grid[1, 0]) and Direction.resolve("old").layer == 1  # a bare name: runs/extract/
+    s = DirectionSet.resolve(str(runs / "extract" / "old"))
+    assert (s.source, s.extra, s.site, s.position, s.model_id, s.model_hash) == \
+        ("extract/old", {"command": "extract"}, "resid_pre", -2, "m", "d" * 64)
+    assert torch.equal(s.vectors, grid[:, 0]) and s.layers == (0, 1, 2) and s.resid_norm is None
+    assert torch.equal(DirectionSet.resolve(str(runs / "extract" / "old"), -1).vectors, grid[:, 1])
+    with pytest.raises(ToolkitError, match=r"positions \[-2, -1\], not -5"):
+        DirectionSet.resolve(str(runs / "extract" / "old"), -5)
+
+
 @pytest.mark.parametrize("tensors, needle", [
     ({"directions": torch.ones(4, D), "layers": torch.arange(2)}, r"holds directions \(4, 8\) for 2 layers"),
     ({"directions": torch.ones(4, D), "layers": torch.arange(4), "resid_norm": torch.ones(3)}, "for 4 layers"),
