@@ -171,8 +171,7 @@ class Run:
         root = Path(root) if root is not None else runs_root()
         self.final = root / command / name
         if self.final.exists() and not force:
-            raise ToolkitError(f"run {self.final} already exists; choose another `name` or pass `force`",
-                               param="name")
+            raise ToolkitError(f"run {self.final} already exists; choose another `name` or pass `force`")
         self._created: list[Path] = []
         self.dir = self.final.parent / f".{name}.tmp"
         mine = False
@@ -190,7 +189,7 @@ class Run:
                 mine = True
             except FileExistsError:
                 raise ToolkitError(f"run {self.final} is being written by another process ({_owner_text(self.dir)}); "
-                                   "choose another `name`", param="name") from None
+                                   "choose another `name`") from None
             (self.dir / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                            "started": time.time()}))
         except OSError as e:
@@ -269,8 +268,7 @@ class Run:
             if self.final.exists() or self.final.is_symlink():
                 if not self.force:
                     raise ToolkitError(f"run {self.final} was created by another command while this one ran; "
-                                       "nothing was replaced (use another `name`, or `force` to replace it)",
-                                       param="name")
+                                       "nothing was replaced (use another `name`, or `force` to replace it)")
                 old = self.final.with_name(f".{self.name}.old-{os.getpid()}")
                 os.replace(self.final, old)
             os.rename(self.dir, self.final)  # fails on an existing non-empty folder: no silent replacement
