@@ -5,53 +5,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import typer
 
 from toolkit.checkpoints import check_export_target, check_save_path, export_orthogonalized
-from toolkit.directions import load_direction
-from toolkit.errors import ToolkitError
+from toolkit.directions import Direction
 from toolkit.evaluation import evaluate, judged
 from toolkit.interventions import directional_ablation, orthogonalize_weights
 from toolkit.models import dtype_from_name
 from toolkit.prompts import distinct_names, load_prompt_set
-from toolkit.runs import Run, load_run, read_run_table
+from toolkit.runs import Run, reuse_baseline
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, GenOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt,
                      SystemOpt, console, handle_errors, open_session, print_summary, summary_row)
-
-
-def resolve_direction(spec: str):
-    """A direction from an extract run folder (or its name) or a direction ``.safetensors`` file.
-
-    Returns:
-        (``[d_model]`` tensor, metadata dict, source path).
-
-    Raises:
-        ToolkitError: no such run or file.
-    """
-    p = Path(spec)
-    if p.is_file():
-        d, meta = load_direction(p)
-        return d, meta, str(p)
-    folder, _ = load_run(spec, "extract")
-    d, meta = load_direction(folder / "direction.safetensors")
-    return d, meta, str(folder)
-
-
-def check_direction_matches(meta: dict, d_width: int, lm) -> None:
-    """Refuse a direction made for another model (by hash) or of another width.
-
-    Raises:
-        ToolkitError: d_model or model hash differs.
-    """
-    if d_width != lm.d_model:
-        raise ToolkitError(f"direction has d_model {d_width} but model {lm.model_id} has d_model {lm.d_model}")
-    h = meta.get("model_hash")
-    if h and h != lm.model_hash:
-        raise ToolkitError(f"direction was extracted from model {meta.get('model_id')} (hash {h[:12]}), "
-                           f"not {lm.model_id} (hash {lm.model_hash[:12]})")
 
 
 @handle_errors
@@ -84,7 +50,7 @@ def ablate(
     computed from the source checkpoint's weights and keeps their stored dtype unless --save-dtype says otherwise.
     """
     saved_as = None if save_dtype == "auto" else dtype_from_name(save_dtype, "--save-dtype")
-    d, meta, dsource = resolve_direction(direction)
+    d = Direction.resolve(direction)
     H = load_prompt_set(harmful).select(split).head(limit)
     B = load_prompt_set(harmless).select(split).head(limit)
     H, B = distinct_names([H, B])
@@ -94,7 +60,7 @@ def ablate(
             check_export_target(Path(model).expanduser(), save, overwrite=replace_save)
     with Run("ablate", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
-        check_direction_matches(meta, d.shape[0], ses.lm)
+        d.check(ses.lm)
         if save is not None:
             check_export_target(Path(ses.lm.source), save, overwrite=replace_save)
         r = ses.runner
@@ -109,7 +75,7 @@ def ablate(
             base_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=gen_tokens, desc="baseline harmless")
         run.time("baseline", time.time() - t0)
         t0 = time.time()
-        with directional_ablation(ses.lm.model, d):
+        with directional_ablation(ses.lm.model, d.vector):
             abl_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=gen_tokens, desc="ablated harmful")
             abl_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=gen_tokens, desc="ablated harmless")
         run.time("ablated", time.time() - t0)
@@ -118,13 +84,13 @@ def ablate(
         ortho_info = None
         if save is not None:
             t0 = time.time()
-            ortho_info = orthogonalize_weights(ses.lm.model, d)
+            ortho_info = orthogonalize_weights(ses.lm.model, d.vector)
             orth_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=gen_tokens, desc="orthogonalized harmful")
             orth_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=0, desc="orthogonalized harmless")
             conds += [("orthogonalized", H, orth_h, kl_or_none(orth_h, base_h)),
                       ("orthogonalized", B, orth_b, orth_b.kl_from(base_b))]
             ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl_b.logits).abs().max())
-            ortho_info.update(export_orthogonalized(Path(ses.lm.source), d, save, dtype=saved_as,
+            ortho_info.update(export_orthogonalized(Path(ses.lm.source), d.vector, save, dtype=saved_as,
                                                     overwrite=replace_save))
             run.time("orthogonalized", time.time() - t0)
         rows, summary = [], []
@@ -139,7 +105,7 @@ def ablate(
         sm = pd.DataFrame(summary)
         run.write_csv("results.csv", pd.DataFrame(rows))
         run.write_csv("summary.csv", sm)
-        results = {"summary": sm.to_dict(orient="records"), "direction": {"source": dsource, **meta}}
+        results = {"summary": sm.to_dict(orient="records"), "direction": d.describe()}
         if ortho_info is not None:
             results["orthogonalized"] = {"saved_to": str(save), "untied_lm_head": ortho_info["untied_lm_head"],
                                          "exact_equivalent": ortho_info["exact_equivalent"],
@@ -149,12 +115,12 @@ def ablate(
                                          "source_stored_dtype": ortho_info["stored_dtype"],
                                          "saved_dtype": ortho_info["saved_dtype"]}
         final = run.finish(model=ses.lm.describe(), prompt_sets=[H.describe(), B.describe()], seed=seed,
-                           params={"direction": dsource, "split": split, "gen_tokens": gen_tokens, "limit": limit,
+                           params={"direction": d.source, "split": split, "gen_tokens": gen_tokens, "limit": limit,
                                    "system": system, "save": str(save) if save else None, "save_dtype": save_dtype,
                                    "baseline": baseline,
                                    "refusal_token_ids": ses.refusal_ids},
                            results=results)
-    print_summary(sm, f"ablation of {dsource} (layer {meta.get('layer')}, pos {meta.get('pos')}): {final}")
+    print_summary(sm, f"ablation of {d.source} (layer {d.layer}, pos {d.position}): {final}")
     if ortho_info is not None:
         console.print(f"saved weight-orthogonalized model to {save} ({ortho_info['saved_dtype']}; untied LM head: "
                       f"{ortho_info['untied_lm_head']}; "
@@ -165,46 +131,3 @@ def ablate(
 def kl_or_none(ev, base):
     """Per-prompt KL(base || ev), or None when the baseline's logits were not computed (reused baseline)."""
     return None if base.logits is None else ev.kl_from(base)
-
-
-def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit):
-    """Per-prompt baseline of prompt set ``ps`` from a score run, checked for the same model, file and settings.
-
-    Returns:
-        :class:`toolkit.evaluation.Evaluation` with ``logits=None``.
-
-    Raises:
-        ToolkitError: not a score run, another model, another prompt file (hash), split, limit or
-            completion length, or the set is missing from the run.
-    """
-    from toolkit.evaluation import Evaluation
-
-    folder, meta = load_run(spec, "score")
-    if (meta.get("model") or {}).get("hash") != lm.model_hash:
-        raise ToolkitError(f"baseline run {folder} was made with another model ({meta['model'].get('id')})")
-    params = meta.get("params", {})
-    if params.get("gen_tokens") != gen_tokens or params.get("split") != split or params.get("limit") != limit:
-        raise ToolkitError(f"baseline run {folder} used split {params.get('split')}, --gen-tokens "
-                           f"{params.get('gen_tokens')}, --limit {params.get('limit')}; this run uses {split}, "
-                           f"{gen_tokens}, {limit}")
-    sets = {p.get("name"): p for p in meta.get("prompt_sets", [])}
-    if ps.name not in sets or sets[ps.name].get("sha256") != ps.sha256:
-        raise ToolkitError(f"baseline run {folder} has no scores for prompt set {ps.name} with this file's hash")
-    path = folder / "scores.csv"
-    if not path.is_file():
-        raise ToolkitError(f"baseline run {folder} has no scores.csv")
-    df = read_run_table(path, "scores table")
-    lacking = [c for c in ("set", "id", "score", "refusal", "completion") if c not in df.columns]
-    if lacking:
-        raise ToolkitError(f"{path}: not a score run's table (no column {lacking[0]!r})")
-    df = df[df["set"] == ps.name].drop_duplicates("id").set_index("id")
-    missing = [i for i in ps.ids if i not in df.index]
-    if missing:
-        raise ToolkitError(f"baseline run {folder} lacks prompt {missing[0]} of {ps.name}")
-    df = df.loc[ps.ids]
-    refusals = df["refusal"].map(lambda v: str(v) == "True").to_numpy()
-    scores = pd.to_numeric(df["score"], errors="coerce").to_numpy(dtype=float)
-    if not np.isfinite(scores).all():
-        raise ToolkitError(f"{path}: a score of {ps.name} is missing or not a number")
-    return Evaluation(None, df["completion"].fillna("").astype(str).tolist(), values={"score": scores,
-                                                                                      "refusal": refusals})

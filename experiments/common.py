@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from toolkit.errors import ToolkitError
+from toolkit.hooks import SITES
 from toolkit.stats import rate_summary
 
 # markup off: messages, table cells and titles carry user text (file names such as ``prompts[test].jsonl``, hints
@@ -41,6 +42,31 @@ SeedOpt = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="random seed (reco
 SystemOpt = typer.Option(None, "--system", help="system prompt [default: the chat template's own behaviour]")
 GenOpt = typer.Option(12, "--gen-tokens", min=0, help="greedy completion length judged by the refusal markers")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars")
+SiteOpt = typer.Option(None, "--site", help=f"hook site: {', '.join(SITES)} [default: the direction's site, "
+                       "else resid_pre]")
+PositionsOpt = typer.Option("post", "--positions", help="where to add: post (post-instruction tokens of the "
+                            "prompt), last, all (every position of every pass, generated tokens included), or "
+                            "negative indices like '-1,-3'")
+ScaleOpt = typer.Option("resid", "--scale", help="s in x + alpha*s*r_hat: unit (1), raw (the direction's own "
+                        "norm) or resid (mean residual norm at that layer over post-instruction tokens)")
+
+#: engine parameter -> command-line flag where the flag is not ``--`` + the name with ``_`` as ``-``
+PARAM_FLAGS = {"filter_by": "--filter"}
+
+
+def flag_of(param: str) -> str:
+    """The command-line flag of an engine parameter (:class:`ToolkitError`'s ``param``): ``gen_tokens`` ->
+    ``--gen-tokens`` unless :data:`PARAM_FLAGS` says otherwise."""
+    return PARAM_FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_message(e: ToolkitError) -> str:
+    """An engine error as the CLI prints it: ``--flag: message`` for an error about one parameter, and every
+    parameter the message names in backquotes (```force```) as its flag."""
+    import re
+
+    text = re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag_of(m.group(1)), e.message)
+    return f"{flag_of(e.param)}: {text}" if e.param else text
 
 
 def finite(*, gt: float | None = None, ge: float | None = None, le: float | None = None, lt: float | None = None):
@@ -69,14 +95,15 @@ def finite(*, gt: float | None = None, ge: float | None = None, le: float | None
 
 
 def handle_errors(fn):
-    """Turn :class:`ToolkitError` (bad input) into one line on stderr and exit code 2, never a traceback."""
+    """Turn :class:`ToolkitError` (bad input) into one line on stderr and exit code 2, never a traceback; an error
+    about an engine parameter is printed as ``error: --flag: message`` (:func:`flag_of`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ToolkitError as e:
-            console.print(styled("error:", "bold red", " " + " ".join(str(e).split())), highlight=False,
+            console.print(styled("error:", "bold red", " " + " ".join(cli_message(e).split())), highlight=False,
                           soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -176,63 +203,3 @@ def print_summary(df: pd.DataFrame, title: str, extra_cols: tuple[str, ...] = ()
                                                    "-" if pd.isna(r["n"]) else str(int(r["n"])), rate, score, kl]
         t.add_row(*vals)
     out.print(t)
-
-
-def parse_int_list(text: str, opt: str) -> list[int]:
-    """Parse ``'1,2,5'`` or ``'4:8'`` (half-open range, as Python's ``range``) into a list of ints.
-
-    Raises:
-        ToolkitError: not integers, or the list or range names nothing (``''``, ``'5:5'``, ``'3:1'``).
-    """
-    try:
-        if ":" in text:
-            a, b = text.split(":", 1)
-            values = list(range(int(a), int(b)))
-        else:
-            values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ToolkitError(f"{opt} must be integers like '1,2,5' or '4:8', got {text!r}") from None
-    if not values:
-        raise ToolkitError(f"{opt} {text!r} names no {opt.lstrip('-').rstrip('s')} (a range a:b is half-open: "
-                           "it needs a < b)")
-    return values
-
-
-def parse_layers(spec: str | None) -> list[int] | None:
-    """The syntax of ``--layers``: ``'12'``, ``'8,12,16'`` or ``'4:8'`` -> layer indices as given (None for None).
-    Commands call it before loading the model so that a typo fails at once; :func:`layer_list` validates.
-
-    Raises:
-        ToolkitError: not integers, or no layer.
-    """
-    if spec is None:
-        return None
-    return parse_int_list(spec, "--layers")
-
-
-def layer_list(lm, spec: str | None, default: list[int] | None = None) -> list[int]:
-    """Layers from ``--layers`` (:func:`parse_layers`; negative counts from the end), validated against the model
-    and without repeats; ``default`` (else every layer) when ``spec`` is None.
-
-    Raises:
-        ToolkitError: not integers, a layer out of range, or no layer.
-    """
-    from toolkit.hooks import check_layer
-
-    layers = parse_layers(spec)
-    if layers is None:
-        return list(default) if default is not None else list(range(lm.n_layers))
-    return list(dict.fromkeys(check_layer(lm.model, l) for l in layers))
-
-
-def residuals(runner, prompts: list[str], layers: list[int], site: str, position: int, desc: str):
-    """Residual-stream activations ``[n_prompts, n_layers, d_model]`` float32 at one site and prompt position
-    (negative index), read in one pass that stops after the last needed layer.
-
-    Raises:
-        ToolkitError: unknown site, layer out of range, non-negative or too deep a position.
-    """
-    if position >= 0:
-        raise ToolkitError(f"--position must be a negative index from the end of the prompt, got {position}")
-    enc = runner.encode(prompts)
-    return runner.collect(enc, layers, [site], [position], desc=desc)[site][:, :, 0]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 
 import numpy as np
@@ -12,34 +10,20 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import save_file
 
 from toolkit.errors import ToolkitError
+from toolkit.directions import DirectionSet
+from toolkit.cones import ablation_test, cone_tables, pick_layer, separation
 from toolkit.geometry import (LINEAR_MAX_DIM, LINEAR_MIN_COS, POLY_MAX_COS, POLY_MIN_DIM, cone_distributions,
-                              cone_label, contrast_layers, kmeans_scan, permutation_p, polyhedral_share)
+                              contrast_layers, kmeans_scan)
 from toolkit.hooks import SITES
+from toolkit.index_spec import LayerSpec, check_position
+from toolkit.residuals import residuals
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
-from toolkit.stats import basic_interval, mean_summary, percentile_interval, rate_summary
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, layer_list, open_session, out, parse_layers, residuals)
-
-
-def separation(h: torch.Tensor, g: torch.Tensor) -> np.ndarray:
-    """Per layer, how far apart two sets lie along their difference-in-means direction: Cohen's d of the
-    projections onto ``unit(mean_h - mean_g)`` (pooled standard deviation). ``[n_h, L, d], [n_g, L, d] -> [L]``."""
-    r = h.double().mean(0) - g.double().mean(0)
-    u = r / r.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    ph, pg = (h.double() * u).sum(-1), (g.double() * u).sum(-1)  # [n, L]
-    sd = torch.sqrt(((len(ph) - 1) * ph.var(0) + (len(pg) - 1) * pg.var(0)) / (len(ph) + len(pg) - 2))
-    return ((ph.mean(0) - pg.mean(0)) / sd.clamp_min(1e-30)).numpy()
-
-
-def pick_layer(layers: list[int], sep: np.ndarray, n_layers: int, max_frac: float = 0.8) -> int:
-    """The layer with the largest separation among layers below ``max_frac`` of the depth (else among all)."""
-    ok = [i for i, l in enumerate(layers) if l < max_frac * n_layers] or list(range(len(layers)))
-    return layers[max(ok, key=lambda i: sep[i])]
+                     console, handle_errors, open_session, out)
 
 
 @handle_errors
@@ -90,7 +74,8 @@ def cones(
         raise ToolkitError("use at least 20 resamples for --boot and --null (or 0 to skip)")
     if site not in SITES:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
-    parse_layers(layers)  # syntax, before the model is loaded
+    layer_spec = LayerSpec.parse(layers)  # before the model is loaded
+    check_position(position)
     H = load_prompt_set(harmful).select(split)
     G = load_prompt_set(harmless).select(split)
     H, G = distinct_names([H, G])
@@ -119,7 +104,7 @@ def cones(
     with Run("cones", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r, lm = ses.runner, ses.lm
-        lay = layer_list(lm, layers)
+        lay = list(layer_spec.resolve(lm.n_layers))
         t0 = time.time()
         Xh = residuals(r, H.prompts, lay, site, position, "harmful residuals")
         Xg = residuals(r, G.prompts, lay, site, position, "harmless residuals")
@@ -174,17 +159,17 @@ def cones(
         abl = None
         if ablate_test:
             t0 = time.time()
-            abl = ablation_test(ses, harmful, harmless, eval_split, cats, pooled[live][ri], cat_dirs[:, ri], rep, seed,
-                                eval_harmless)
+            Hs = load_prompt_set(harmful).select(eval_split)
+            Gs = load_prompt_set(harmless).select(eval_split).head(eval_harmless)
+            abl = ablation_test(r, ses.refusal_ids, Hs, Gs, cats, pooled[live][ri], cat_dirs[:, ri], rep, seed)
             run.write_csv("ablation.csv", abl)
             run.time("ablation_test", time.time() - t0)
-        meta = {"model_id": lm.model_id, "model_hash": lm.model_hash, "d_model": lm.d_model, "site": site,
-                "position": position, "categories": cats, "kind": "cones", "split": split,
-                "method": "difference-in-means per layer: mean harmful - mean harmless (per category and pooled)"}
-        save_file({"directions": pooled[live].float().contiguous(), "category_directions": cat_dirs.float(),
-                   "mean_harmful": Xh_l.double().mean(0).float(), "mean_harmless": Xg_l.double().mean(0).float(),
-                   "resid_norm": norms[live].float(), "layers": torch.tensor(lay_l)},
-                  str(run.path("directions.safetensors")), metadata={"meta": json.dumps(meta)})
+        DirectionSet(pooled[live], lay_l, site=site, position=position, model_hash=lm.model_hash,
+                     model_id=lm.model_id, method="difference-in-means per layer: mean harmful - mean harmless (per "
+                     "category and pooled)", extra={"categories": cats, "kind": "cones", "split": split},
+                     tensors={"category_directions": cat_dirs, "mean_harmful": Xh_l.double().mean(0),
+                              "mean_harmless": Xg_l.double().mean(0), "resid_norm": norms[live]}
+                     ).save(run.path("directions.safetensors"))
         if plot:
             from toolkit.plots import cones_plot
 
@@ -213,119 +198,6 @@ def cones(
     if abl is not None:
         print_ablation(abl)
     console.print(f"wrote {final}")
-
-
-def cone_tables(dist: dict, layers: list[int], norms: np.ndarray, pooled: torch.Tensor, sep: np.ndarray,
-                cat_dirs: torch.Tensor) -> dict:
-    """Tidy tables from :func:`toolkit.geometry.cone_distributions`: per layer, per layer x category, per pair.
-
-    Intervals are basic bootstrap intervals (:func:`toolkit.geometry.basic_interval`); null bands are the 2.5th
-    and 97.5th percentiles of the random-split figures; p-values are one-sided permutation p-values.
-
-    Args:
-        norms: mean residual norm per layer ``[L]``; pooled: pooled direction ``[L, d]``; sep: ``[L]``;
-        cat_dirs: category directions ``[k, L, d]`` (for each one's cosine with the pooled direction).
-    """
-    cats, sizes, P, B, N = dist["categories"], dist["sizes"], dist["point"], dist["boot"], dist["null"]
-    k = len(cats)
-
-    bounds = {"mean_abs_cos": (0, 1), "dim": (1, k), "strength": (0, np.inf), "specificity": (0, 1), "cos": (-1, 1)}
-
-    def ci(key):  # basic intervals can leave a figure's range: clip to it
-        lo, hi = basic_interval(P[key], B[key]) if B else (None, None)
-        if lo is None:
-            return np.full_like(P[key], np.nan), np.full_like(P[key], np.nan)
-        return np.clip(lo, *bounds[key]), np.clip(hi, *bounds[key])
-
-    def band(key):
-        lo, hi = percentile_interval(N[key]) if N else (None, None)
-        return (lo, hi) if lo is not None else (np.full_like(P[key], np.nan), np.full_like(P[key], np.nan))
-
-    (cl, ch), (dl, dh), (nl, nh), (ml, mh) = ci("mean_abs_cos"), ci("dim"), band("mean_abs_cos"), band("dim")
-    if N:
-        p_cos = permutation_p(P["mean_abs_cos"], N["mean_abs_cos"], lower=True)
-        p_dim = permutation_p(P["dim"], N["dim"], lower=False)
-        null_poly = polyhedral_share(N["mean_abs_cos"], N["dim"])
-    rows = []
-    for i, l in enumerate(layers):
-        row = {"layer": l, "n_categories": k, "mean_abs_cos": P["mean_abs_cos"][i], "cos_ci_low": cl[i],
-               "cos_ci_high": ch[i], "cos_null_low": nl[i], "cos_null_high": nh[i], "dim": P["dim"][i],
-               "dim_ci_low": dl[i], "dim_ci_high": dh[i], "dim_null_low": ml[i], "dim_null_high": mh[i],
-               "p_cos_below_null": p_cos[i] if N else np.nan, "p_dim_above_null": p_dim[i] if N else np.nan,
-               "null_polyhedral_share": null_poly[i] if N else np.nan,
-               "pooled_strength": float(pooled[i].norm()),
-               "pooled_strength_rel": float(pooled[i].norm()) / float(norms[i]), "separation_d": float(sep[i])}
-        if B and N:
-            row["label"], row["reason"] = cone_label((cl[i], ch[i]), (dl[i], dh[i]), p_cos[i], p_dim[i], null_poly[i])
-        else:
-            row["label"], row["reason"] = "unlabelled", "labels need both --boot and --null"
-        rows.append(row)
-    (sl, sh), (pl, ph), (_, snh) = ci("strength"), ci("specificity"), band("specificity")
-    crow = []
-    for i, l in enumerate(layers):
-        u = pooled[i] / pooled[i].norm()
-        for j, c in enumerate(cats):
-            crow.append({"layer": l, "category": c, "n": sizes[j], "strength": P["strength"][i, j],
-                         "strength_ci_low": sl[i, j], "strength_ci_high": sh[i, j],
-                         "strength_rel": P["strength"][i, j] / float(norms[i]), "specificity": P["specificity"][i, j],
-                         "specificity_ci_low": pl[i, j], "specificity_ci_high": ph[i, j],
-                         "specificity_null_high": snh[i, j],
-                         "cos_pooled": float(cat_dirs[j, i] @ u / cat_dirs[j, i].norm())})
-    (ql, qh) = ci("cos")
-    prow = []
-    for i, l in enumerate(layers):
-        for a in range(k):
-            for b in range(a + 1, k):
-                prow.append({"layer": l, "a": cats[a], "b": cats[b], "cos": P["cos"][i, a, b],
-                             "ci_low": ql[i, a, b], "ci_high": qh[i, a, b]})
-    return {"cones": pd.DataFrame(rows), "categories": pd.DataFrame(crow), "pairs": pd.DataFrame(prow)}
-
-
-def ablation_test(ses, harmful: str, harmless: str, split: str, cats: list[str], single: torch.Tensor,
-                  cat_dirs: torch.Tensor, layer: int, seed: int, n_harmless: int | None = None) -> pd.DataFrame:
-    """Refusal score of each category's held-out prompts (and harmless KL) under four conditions: no ablation,
-    the single pooled direction, the span of all category directions, and the single direction plus random
-    directions up to the same dimension (a control for removing more dimensions)."""
-    from toolkit.interventions import subspace_ablation
-    from toolkit.scoring import kl_divergence, refusal_score
-    from toolkit.steering import random_directions
-
-    r = ses.runner
-    Hs = load_prompt_set(harmful).select(split)
-    Hs = Hs.subset([i for i, rec in enumerate(Hs.records) if rec["category"] in cats])
-    if len(Hs) == 0:
-        raise ToolkitError(f"the ablation test found no {split} prompts of the analysed categories")
-    Gs = load_prompt_set(harmless).select(split).head(n_harmless)
-    eh, eg = r.encode(Hs.prompts), r.encode(Gs.prompts)
-    extra, _ = random_directions(len(cats) - 1, single.shape[0], seed, orthogonal_to=single.float())
-    conds = {"none": None, "single": single[None].float(), "categories": cat_dirs.float(),
-             f"single+{len(cats) - 1} random": torch.cat([single[None].float(), extra.float()])}
-    base_g = None
-    rows = []
-    for cname, vecs in conds.items():
-        ctx = contextlib.nullcontext() if vecs is None else subspace_ablation(r.model, vecs)
-        with ctx:
-            sh = refusal_score(r.logits(eh, desc=f"harmful, ablate {cname}"), ses.refusal_ids).numpy()
-            lg = r.logits(eg, desc=f"harmless, ablate {cname}")
-        if base_g is None:
-            base_g = lg
-        sg = refusal_score(lg, ses.refusal_ids).numpy()
-        kl = kl_divergence(base_g, lg).numpy()
-        dim = 0 if vecs is None else int(min(len(vecs), vecs.shape[0]))
-        cat_of = np.array([rec["category"] for rec in Hs.records])
-        for c in cats + ["all harmful"]:
-            m = cat_of == c if c != "all harmful" else np.ones(len(cat_of), bool)
-            ms, rs = mean_summary(sh[m]), rate_summary(list(sh[m] > 0))
-            rows.append({"condition": cname, "layer": layer, "dims": dim, "set": Hs.name, "category": c,
-                         "n": int(m.sum()), "mean_score": ms["mean"], "score_ci_low": ms["ci_low"],
-                         "score_ci_high": ms["ci_high"], "refusal_rate_score": rs["rate"], "rate_ci_low": rs["ci_low"],
-                         "rate_ci_high": rs["ci_high"], "mean_kl": np.nan})
-        ms = mean_summary(sg)
-        rows.append({"condition": cname, "layer": layer, "dims": dim, "set": Gs.name, "category": "all harmless",
-                     "n": len(sg), "mean_score": ms["mean"], "score_ci_low": ms["ci_low"],
-                     "score_ci_high": ms["ci_high"], "refusal_rate_score": float((sg > 0).mean()),
-                     "rate_ci_low": np.nan, "rate_ci_high": np.nan, "mean_kl": float(kl.mean())})
-    return pd.DataFrame(rows)
 
 
 def _fmt_ci(v, lo, hi, nd=2) -> str:

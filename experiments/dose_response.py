@@ -9,16 +9,16 @@ import numpy as np
 import pandas as pd
 import typer
 
+from toolkit.directions import Direction
 from toolkit.errors import ToolkitError
-from toolkit.hooks import SITES, check_layer
+from toolkit.index_spec import LayerSpec, PositionSpec, check_site
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
-from toolkit.steering import SCALES, measure, parse_alphas, parse_positions, scale_value
+from toolkit.steering import SCALES, measure, parse_alphas, scale_value
+from toolkit.steering_summary import fit_curves, summarise_doses
 
-from .ablate import check_direction_matches, resolve_direction
-from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, open_session, out, sweep_bar)
-from .steer import PositionsOpt, ScaleOpt, SiteOpt
+from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, PositionsOpt, QuietOpt, ScaleOpt,
+                     SeedOpt, SiteOpt, SystemOpt, console, handle_errors, open_session, out, sweep_bar)
 
 
 @handle_errors
@@ -51,8 +51,6 @@ def dose_response(
     alphas = parse_alphas(alpha)
     if len(alphas) < 3:
         raise ToolkitError("--alpha needs at least 3 doses to fit a dose-response curve")
-    if site not in SITES:
-        raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
     if scale not in SCALES:
         raise ToolkitError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
     if gen_tokens < 1:
@@ -61,7 +59,12 @@ def dose_response(
         raise ToolkitError("--bootstrap needs at least 100 resamples")
     if limit is not None and limit < 2:
         raise ToolkitError("--limit must be >= 2")
-    dvec, dmeta, dsource = resolve_direction(direction)
+    pos_spec = PositionSpec.parse(positions)
+    d = Direction.resolve(direction)
+    site = check_site(site or d.site or "resid_pre")
+    if layer is None and d.layer is None:
+        raise ToolkitError("the direction file names no layer; pass --layer")
+    layer_spec = LayerSpec.of([d.layer], "direction") if layer is None else LayerSpec.of([layer], "layer")
     sets = []
     for role, spec in (("harmful", harmful), ("benign", benign)):
         ps = load_prompt_set(spec)
@@ -71,13 +74,10 @@ def dose_response(
     with Run("dose-response", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r, lm = ses.runner, ses.lm
-        check_direction_matches(dmeta, dvec.shape[0], lm)
-        if layer is None:
-            if dmeta.get("layer") is None:
-                raise ToolkitError("the direction file names no layer; pass --layer")
-            layer = int(dmeta["layer"])
-        layer = check_layer(lm.model, layer)
-        pos = parse_positions(positions, ses.fmt.post_positions())
+        d.check(lm)
+        (layer,) = layer_spec.resolve(lm.n_layers)
+        pos = pos_spec.resolve(ses.fmt.post_positions())
+        pos = None if pos is None else list(pos)
         encs = [r.encode(ps.prompts) for _, ps in sets]
         # the resid scale: mean residual norm at the layer over both sets' post-instruction tokens
         t0 = time.time()
@@ -86,10 +86,10 @@ def dose_response(
             a = r.collect(enc, [layer], [site], ses.fmt.post_positions(), desc="residual norm")[site]
             norms.append(a.norm(dim=-1).flatten())
         resid_norm = float(np.concatenate([n.numpy() for n in norms]).astype(np.float64).mean())
-        raw = float(dvec.double().norm())
+        raw = d.norm
         s = scale_value(scale, raw, resid_norm)
         coh = [r.context(enc, 1, desc="prompt cache") for enc in encs]  # coherence passes: completion tokens only
-        vec = (dvec.double() / raw).float() * s
+        vec = (d.vector.double() / raw).float() * s
         run.time("norms", time.time() - t0)
 
         t0 = time.time()
@@ -120,66 +120,15 @@ def dose_response(
             dose_response_plot(summary, curves, run.path("dose_response.png"))
         results = {"fits": fits.to_dict(orient="records"), "therapeutic_index": ti, "alphas": alphas,
                    "layer": layer, "scale": {"kind": scale, "value": s, "resid_norm": resid_norm, "raw_norm": raw},
-                   "direction": {"source": dsource, **dmeta}}
+                   "direction": d.describe()}
         final = run.finish(model=lm.describe(), prompt_sets=[ps.describe() | {"role": role} for role, ps in sets],
-                           seed=seed, params={"direction": dsource, "layer": layer, "site": site,
+                           seed=seed, params={"direction": d.source, "layer": layer, "site": site,
                                               "positions": positions, "alpha": alpha, "scale": scale, "split": split,
                                               "limit": limit, "gen_tokens": gen_tokens, "bootstrap": bootstrap,
                                               "system": system, "refusal_token_ids": ses.refusal_ids},
                            results=results)
     print_dose(summary, fits, ti)
     console.print(f"wrote {final}")
-
-
-def summarise_doses(df: pd.DataFrame) -> pd.DataFrame:
-    """Per alpha and role (harmful, benign, and ``all`` for both sets together): refusal and degenerate rates with
-    Wilson 95 % intervals, mean coherence (nats/token, t interval) and mean refusal score."""
-    from toolkit.stats import mean_summary, rate_summary
-
-    rows = []
-    groups = [(a, role, g) for (a, role), g in df.groupby(["alpha", "role"], sort=True)]
-    groups += [(a, "all", g) for a, g in df.groupby("alpha", sort=True)]
-    for a, role, g in groups:
-        row = {"alpha": a, "role": role, "n": len(g)}
-        for col in ("refusal", "degenerate"):
-            s = rate_summary(g[col].astype(bool).tolist())
-            row.update({f"{col}_rate": s["rate"], f"{col}_ci_low": s["ci_low"], f"{col}_ci_high": s["ci_high"]})
-        c = mean_summary(g["coherence"].dropna().to_numpy(float))
-        row.update({"coherence": c["mean"], "coherence_ci_low": c["ci_low"], "coherence_ci_high": c["ci_high"],
-                    "mean_score": float(g["score"].mean())})
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values(["role", "alpha"], kind="stable").reset_index(drop=True)
-
-
-def _outcomes(df: pd.DataFrame, role: str, alphas: list[float]) -> np.ndarray:
-    """``[n_prompts, n_alphas]`` refusal outcomes of one role (prompts observed at every dose)."""
-    t = df[df.role == role].pivot(index="id", columns="alpha", values="refusal")
-    return t[alphas].to_numpy(bool)
-
-
-def fit_curves(df: pd.DataFrame, alphas: list[float], n_resamples: int, seed: int):
-    """Logistic fits, ED50s with bootstrap intervals per role, and the therapeutic index.
-
-    Returns:
-        (fits table, ``{role: {"intercept", "slope", "ed50"}}`` for the plot, therapeutic-index dict).
-    """
-    from toolkit.stats import bootstrap_ed50, logistic_fit, therapeutic_index
-
-    lo, hi = min(alphas), max(alphas)
-    rows, curves, ys = [], {}, {}
-    for role in ("harmful", "benign"):
-        y = _outcomes(df, role, alphas)
-        ys[role] = y
-        fit = logistic_fit(np.tile(alphas, y.shape[0]), y.reshape(-1))
-        b = bootstrap_ed50(alphas, y, lo, hi, n_resamples=n_resamples, seed=seed)
-        rows.append({"role": role, "measure": "refusal" if role == "harmful" else "over-refusal",
-                     "intercept": fit.intercept, "slope": fit.slope, "se_slope": fit.se_slope,
-                     "converged": fit.converged, "fit_status": fit.status, "ed50": b["ed50"], "reason": b["reason"],
-                     "ci_low": b["ci_low"], "ci_high": b["ci_high"], "n_inside": b["n_inside"],
-                     "n_resamples": b["n_resamples"], "method": b["method"]})
-        curves[role] = {"intercept": fit.intercept, "slope": fit.slope, "ed50": b["ed50"]}
-    ti = therapeutic_index(alphas, ys["harmful"], ys["benign"], lo, hi, n_resamples=n_resamples, seed=seed)
-    return pd.DataFrame(rows), curves, ti
 
 
 def print_dose(summary: pd.DataFrame, fits: pd.DataFrame, ti: dict) -> None:

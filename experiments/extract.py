@@ -6,20 +6,18 @@ import math
 import time
 
 import pandas as pd
-import torch
 import typer
-from safetensors.torch import save_file
 
-from toolkit.directions import save_direction
+from toolkit.directions import DirectionSet
 from toolkit.errors import ToolkitError
+from toolkit.index_spec import LayerSpec, PositionSpec
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 from toolkit.selection import SelectionConfig, build_candidates, select_direction
 from toolkit.stats import rate_ci
 
 from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, finite, handle_errors, open_session, out, parse_int_list,
-                     parse_layers)
+                     console, finite, handle_errors, open_session, out)
 
 
 @handle_errors
@@ -41,7 +39,7 @@ def extract(
     judge_tokens: int = typer.Option(12, "--judge-tokens", min=1, help="greedy tokens judged per completion"),
     layers: str = typer.Option(None, "--layers", help="restrict candidates to these layers, e.g. '8,10,12' or '6:18'"),
     positions: str = typer.Option(None, "--positions", help="restrict candidates to these post-instruction "
-                                  "positions, e.g. '-1,-2'"),
+                                  "positions, e.g. '-1,-2' or post [default: post]"),
     max_layer_frac: float = typer.Option(0.8, "--max-layer-frac", callback=finite(gt=0, le=1), help="skip layers >= this fraction of depth"),
     kl_max: float = typer.Option(0.15, "--kl-max", callback=finite(gt=0), help="discard candidates with mean harmless KL above this "
                                  "(nats; Arditi et al. use 0.1)"),
@@ -64,11 +62,11 @@ def extract(
         try:
             cfg.induce_min = float(induce_min)
         except ValueError:
-            raise ToolkitError(f"--induce-min must be a number or 'auto', got {induce_min!r}") from None
+            raise ToolkitError(f"must be a number or 'auto', got {induce_min!r}", param="induce_min") from None
         if not math.isfinite(cfg.induce_min):
-            raise ToolkitError(f"--induce-min must be a finite number or 'auto', got {induce_min!r}")
-    lay = parse_layers(layers)
-    pos = parse_int_list(positions, "--positions") if positions is not None else None
+            raise ToolkitError(f"must be a finite number or 'auto', got {induce_min!r}", param="induce_min")
+    layer_spec = LayerSpec.parse(layers)
+    pos_spec = PositionSpec.parse(positions, allow_all=False)
     H, B = distinct_names([load_prompt_set(harmful), load_prompt_set(harmless)])
     h_train, b_train = H.select("train").head(n_train), B.select("train").head(n_train)
     h_val, b_val = H.select("val").head(n_val), B.select("val").head(n_val)
@@ -79,6 +77,8 @@ def extract(
     with Run("extract", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r = ses.runner
+        lay = layer_spec.resolve(ses.lm.n_layers)
+        pos = pos_spec.resolve(ses.fmt.post_positions())
         t0 = time.time()
         cands = build_candidates(r, r.encode(h_train.prompts), r.encode(b_train.prompts), ses.refusal_ids,
                                  filter_by=filter_by, judge_tokens=judge_tokens, layers=lay, positions=pos)
@@ -97,16 +97,13 @@ def extract(
             raise ToolkitError("no candidate direction passed the filters; inspect with a larger --keep, "
                                "--kl-max or --induce-min")
         layer, pos = sel.chosen
-        li, pi = cands.layers.index(layer), cands.positions.index(pos)
-        direction = cands.dirs[li, pi].float()
-        save_file({"directions": cands.dirs.float().contiguous(), "mean_harmful": cands.mean_harmful.float(),
-                   "mean_harmless": cands.mean_harmless.float(),
-                   "layers": torch.tensor(cands.layers), "positions": torch.tensor(cands.positions)},
-                  str(run.path("candidates.safetensors")))
-        meta = {"model_id": ses.lm.model_id, "model_hash": ses.lm.model_hash, "d_model": ses.lm.d_model,
-                "layer": layer, "pos": pos, "site": "resid_pre", "norm": float(direction.norm()),
-                "method": "difference-in-means (Arditi et al. 2024)"}
-        save_direction(run.path("direction.safetensors"), direction, meta)
+        grid = DirectionSet(cands.dirs, cands.layers, cands.positions, site="resid_pre", position=pos,
+                            model_hash=ses.lm.model_hash, model_id=ses.lm.model_id,
+                            method="difference-in-means (Arditi et al. 2024)",
+                            tensors={"mean_harmful": cands.mean_harmful, "mean_harmless": cands.mean_harmless})
+        grid.save(run.path("candidates.safetensors"))
+        chosen = grid.direction(layer, pos)
+        chosen.save(run.path("direction.safetensors"))
         chosen_row = sel.table[(sel.table.layer == layer) & (sel.table.pos == pos)].iloc[0].to_dict()
         cond = f"ablate L{layer} p{pos}"
         summary = pd.DataFrame([
@@ -127,7 +124,7 @@ def extract(
                 summary.loc[i, ["ci_low", "ci_high"]] = [lo, hi]
         summary.to_csv(run.path("summary.csv"), index=False)
         stages = sel.table.stage.value_counts().to_dict()
-        results = {"chosen": {"layer": layer, "pos": pos, "norm": meta["norm"], **{k: chosen_row[k] for k in
+        results = {"chosen": {"layer": layer, "pos": pos, "norm": chosen.norm, **{k: chosen_row[k] for k in
                               ("bypass", "induce", "kl", "judge_refusal", "bypass_screen")}},
                    "baseline": sel.baseline, "stages": stages, "selection_timings": sel.timings,
                    "induce_filter": sel.induce_rule,
@@ -136,6 +133,7 @@ def extract(
                                   "harmful_total": len(h_train), "harmless_total": len(b_train)}}
         final = run.finish(model=ses.lm.describe(), prompt_sets=[p.describe() for p in (h_train, b_train, h_val, b_val)],
                            seed=seed, params={"filter": filter_by, **cfg.__dict__, "n_train": n_train, "n_val": n_val,
+                                              "layers": list(cands.layers), "positions": list(cands.positions),
                                               "system": system, "refusal_token_ids": ses.refusal_ids},
                            results=results)
     c = results["chosen"]

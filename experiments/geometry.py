@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Optional
 
@@ -10,16 +9,18 @@ import pandas as pd
 import torch
 from pydantic import Field
 from rich.table import Table
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from toolkit.directions import DirectionSet
 from toolkit.errors import ToolkitError
 from toolkit.geometry import residual_geometry
 from toolkit.hooks import SITES
+from toolkit.index_spec import LayerSpec
 from toolkit.prompts import distinct_names, load_prompt_set
+from toolkit.residuals import residuals
 from toolkit.runs import Run
 
-from .common import console, layer_list, out, parse_layers, residuals
+from .common import console, out
 from .config import ModelOptions, PromptPosition, RunOptions, Site, command
 
 COLUMNS = [("cos_g_b", "S(g,b)"), ("cos_gm_bm", "S(g*,b*)"), ("cos_g_r", "S(g,r)"), ("cos_gm_rm", "S(g*,r*)"),
@@ -51,7 +52,7 @@ def geometry(cfg: GeometryConfig):
     the mean residual norm: an input of `refusal imprint`) and run.json.
     """
     site, position = cfg.site, cfg.position
-    parse_layers(cfg.layers)  # syntax, before the model is loaded
+    layer_spec = LayerSpec.parse(cfg.layers)  # before the model is loaded
     G = load_prompt_set(cfg.harmless).select(cfg.split).head(cfg.limit)
     B = load_prompt_set(cfg.harmful).select(cfg.split).head(cfg.limit)
     G, B = distinct_names([G, B])
@@ -60,7 +61,7 @@ def geometry(cfg: GeometryConfig):
     with Run("geometry", cfg.name, cfg.force) as run:
         ses = cfg.open_session()
         lm = ses.lm
-        lay = layer_list(lm, cfg.layers)
+        lay = list(layer_spec.resolve(lm.n_layers))
         t0 = time.time()
         Xg = residuals(ses.runner, G.prompts, lay, site, position, "harmless residuals")
         Xb = residuals(ses.runner, B.prompts, lay, site, position, "harmful residuals")
@@ -77,14 +78,13 @@ def geometry(cfg: GeometryConfig):
         run.write_csv("geometry.csv", df)
         rm = torch.stack(medians)
         norms = torch.cat([Xg, Xb]).double().norm(dim=-1).mean(0)
-        meta = {"model_id": lm.model_id, "model_hash": lm.model_hash, "d_model": lm.d_model, "site": site,
-                "position": position, "kind": "geometry", "split": cfg.split,
-                "method": "difference-in-means per layer: mean harmful - mean harmless"}
-        save_file({"directions": (Xb.double().mean(0) - Xg.double().mean(0)).float(),
-                   "median_directions": rm.float(), "mean_harmful": Xb.double().mean(0).float(),
-                   "mean_harmless": Xg.double().mean(0).float(), "resid_norm": norms.float(),
-                   "layers": torch.tensor(lay)},
-                  str(run.path("directions.safetensors")), metadata={"meta": json.dumps(meta)})
+        DirectionSet(Xb.double().mean(0) - Xg.double().mean(0), lay, site=site, position=position,
+                     model_hash=lm.model_hash, model_id=lm.model_id,
+                     method="difference-in-means per layer: mean harmful - mean harmless",
+                     extra={"kind": "geometry", "split": cfg.split},
+                     tensors={"median_directions": rm, "mean_harmful": Xb.double().mean(0),
+                              "mean_harmless": Xg.double().mean(0), "resid_norm": norms}
+                     ).save(run.path("directions.safetensors"))
         best = df.loc[df.silhouette.idxmax()] if cfg.silhouette and df.silhouette.notna().any() else None
         results = {"layers": lay, "best_silhouette": None if best is None else
                    {"layer": int(best.layer), "silhouette": float(best.silhouette)}}

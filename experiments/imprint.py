@@ -12,10 +12,10 @@ import torch
 import typer
 from rich.table import Table
 
-from toolkit.directions import read_tensors
+from toolkit.directions import DirectionSet
 from toolkit.errors import ToolkitError
 from toolkit.geometry import IMPRINT_FIGURES, contrast_layers, imprint
-from toolkit.runs import Run, load_run
+from toolkit.runs import Run
 
 from .common import ForceOpt, NameOpt, console, handle_errors, out
 
@@ -29,63 +29,6 @@ TEMPLATES = {
     "CAI": {"gini": (0.30, 0.10), "effective_rank": (4.0, 2.0), "smoothness": (0.80, 0.10), "tail_share": (0.30, 0.10)},
     "SFT": {"gini": (0.20, 0.10), "effective_rank": (2.5, 1.5), "smoothness": (0.90, 0.06), "tail_share": (0.20, 0.08)},
 }
-
-
-def load_directions(path: str, position: int | None = None) -> dict:
-    """Per-layer directions of a run: a cones or geometry run (``directions.safetensors``) or an extract run
-    (``candidates.safetensors`` at its chosen post-instruction position, or ``position``).
-
-    Returns:
-        dict with ``name``, ``command``, ``model_id``, ``model_hash``, ``directions [L, d]`` float64, ``layers [L]``,
-        ``resid_norms [L]`` or None, ``position``, ``site``.
-
-    Raises:
-        ToolkitError: no such run, a run of another kind, a missing file, or an unknown position.
-    """
-    folder, meta = load_run(path)
-    cmd = meta.get("command")
-    model = meta.get("model") or {}
-    info = {"name": f"{cmd}/{folder.name}", "command": cmd, "model_id": model.get("id"),
-            "model_hash": model.get("hash")}
-    if cmd in ("cones", "geometry"):
-        t, m = read_tensors(folder / "directions.safetensors", ("directions", "layers", "resid_norm"),
-                            f"{cmd} run's directions file")
-        _check_shapes(folder / "directions.safetensors", t["directions"], t["layers"], t["resid_norm"])
-        info.update(directions=t["directions"].double(), layers=[int(x) for x in t["layers"]],
-                    resid_norms=t["resid_norm"].double(), position=m.get("position"), site=m.get("site"))
-        if position is not None and position != m.get("position"):
-            raise ToolkitError(f"{folder} holds directions at position {m.get('position')} only, not {position}")
-    elif cmd == "extract":
-        t, _ = read_tensors(folder / "candidates.safetensors", ("directions", "layers", "positions"),
-                            "extract run's candidates file")
-        if t["directions"].ndim != 3 or t["positions"].ndim != 1 or t["directions"].shape[1] != len(t["positions"]):
-            raise ToolkitError(f"{folder}: candidates.safetensors has directions {tuple(t['directions'].shape)} for "
-                               f"{len(t['positions'])} positions")
-        _check_shapes(folder / "candidates.safetensors", t["directions"][:, 0], t["layers"], None)
-        positions = [int(x) for x in t["positions"]]
-        pos = position if position is not None else (meta.get("results") or {}).get("chosen", {}).get("pos", -1)
-        if pos not in positions:
-            raise ToolkitError(f"{folder} has candidates at positions {positions}, not {pos}")
-        pi = positions.index(pos)
-        info.update(directions=t["directions"][:, pi].double(), layers=[int(x) for x in t["layers"]],
-                    resid_norms=None, position=pos, site="resid_pre")
-    else:
-        raise ToolkitError(f"{path} is a '{cmd}' run; imprint reads cones, geometry or extract runs")
-    return info
-
-
-def _check_shapes(where, directions, layers, resid_norm) -> None:
-    """``directions [L, d]``, ``layers [L]`` and ``resid_norm [L]`` (or None) of one run must agree and be finite.
-
-    Raises:
-        ToolkitError: they do not.
-    """
-    n = directions.shape[0] if directions.ndim == 2 else -1
-    if n < 0 or layers.ndim != 1 or len(layers) != n or (resid_norm is not None and tuple(resid_norm.shape) != (n,)):
-        raise ToolkitError(f"{where} holds directions {tuple(directions.shape)} for "
-                           f"{tuple(layers.shape)} layers; expected [n_layers, d_model] and [n_layers]")
-    if not bool(torch.isfinite(directions).all()):
-        raise ToolkitError(f"{where} holds direction values that are not finite")
 
 
 def classify(figures: dict, templates: dict) -> dict:
@@ -151,31 +94,32 @@ def imprint_cmd(
     run.json.
     """
     tpl = _templates(templates) if classify_ else None
-    infos = [load_directions(p, position) for p in runs]
-    names = [i["name"] for i in infos]
+    infos = [DirectionSet.resolve(p, position) for p in runs]
+    names = [i.source for i in infos]
     if len(set(names)) != len(names):
         raise ToolkitError("the same run is given twice")
     rows, lrows, notes = [], [], []
     for info in infos:
-        d, layers, rn = info["directions"], info["layers"], info["resid_norms"]
+        d, layers = info.vectors.double(), list(info.layers)
+        rn = None if info.resid_norm is None else info.resid_norm.double()
         norms = d.norm(dim=1)
         scale = rn if rn is not None else torch.ones_like(norms)
         live = contrast_layers(d, scale)
         dead = [layers[i] for i in range(len(layers)) if i not in live]
         if dead:
-            notes.append(f"{info['name']}: layer(s) {dead} have no contrast (zero direction) and are left out")
+            notes.append(f"{info.source}: layer(s) {dead} have no contrast (zero direction) and are left out")
         if len(live) < 2:
-            raise ToolkitError(f"{info['name']}: fewer than two layers with a non-zero direction")
+            raise ToolkitError(f"{info.source}: fewer than two layers with a non-zero direction")
         idx = torch.tensor(live)
         figs = imprint(d[idx], [layers[i] for i in live], None if rn is None else rn[idx])
-        row = {"run": info["name"], "model": info["model_id"], "site": info["site"], "position": info["position"],
+        row = {"run": info.source, "model": info.model_id, "site": info.site, "position": info.position,
                "n_layers": len(live), **figs}
         if tpl is not None:
             row.update({f"p_{k}": v for k, v in classify(figs, tpl).items()})
         rows.append(row)
         u = d[idx] / norms[idx, None]
         for j, i in enumerate(live):
-            lrows.append({"run": info["name"], "layer": layers[i], "strength": float(norms[i]),
+            lrows.append({"run": info.source, "layer": layers[i], "strength": float(norms[i]),
                           "strength_rel": float(norms[i] / rn[i]) if rn is not None else np.nan,
                           "cos_next": float(u[j] @ u[j + 1]) if j + 1 < len(live) else np.nan})
     ldf = pd.DataFrame(lrows)
@@ -201,20 +145,20 @@ def imprint_cmd(
     console.print(f"wrote {final}")
 
 
-def cross_cosines(infos: list[dict]) -> pd.DataFrame:
+def cross_cosines(infos: list[DirectionSet]) -> pd.DataFrame:
     """Per layer, the cosine between each run's direction and the first run's, for runs of the same model (by
     hash) and width: how much the directions agree across prompt sets or methods."""
     ref = infos[0]
     rows = []
     for info in infos[1:]:
-        if info["model_hash"] != ref["model_hash"] or info["directions"].shape[1] != ref["directions"].shape[1]:
+        if info.model_hash != ref.model_hash or info.d_model != ref.d_model:
             continue
-        for i, l in enumerate(info["layers"]):
-            if l in ref["layers"]:
-                a, b = info["directions"][i], ref["directions"][ref["layers"].index(l)]
+        for i, l in enumerate(info.layers):
+            if l in ref.layers:
+                a, b = info.vectors[i].double(), ref.vectors[ref.layers.index(l)].double()
                 na, nb = float(a.norm()), float(b.norm())
                 if na > 0 and nb > 0:
-                    rows.append({"run": info["name"], "layer": l, "cos_first_run": float(a @ b) / (na * nb)})
+                    rows.append({"run": info.source, "layer": l, "cos_first_run": float(a @ b) / (na * nb)})
     return pd.DataFrame(rows)
 
 

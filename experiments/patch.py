@@ -11,32 +11,17 @@ from pydantic import Field
 
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
-from toolkit.patching import (DIRECTIONS, check_positions, head_components, head_layout, max_variants,
-                              normalised_effect, pair_by_length, parse_sites, plan_passes, run_patching,
-                              site_components)
+from toolkit.index_spec import LayerSpec, PositionSpec
+from toolkit.patching import (DIRECTIONS, head_components, head_layout, max_variants, normalised_effect,
+                              pair_by_length, parse_sites, plan_passes, run_patching, site_components)
 from toolkit.prompts import PromptSet, load_prompt_set
 from toolkit.runs import Run
-from toolkit.steering import parse_positions
 
-from .common import console, layer_list, out, parse_layers, styled, sweep_bar
+from .common import console, out, styled, sweep_bar
 from .config import ModelOptions, RunOptions, command
 
 MAX_ROWS = 256  # rows per stacked forward pass (components x prompts of one base batch)
 UNSTABLE_GAP = 0.5  # score units: below this clean-corrupt gap normalised figures are unstable
-
-
-def _positions(spec: str | None, post: list[int], last_k: int, opt: str = "--positions") -> list[int]:
-    """``None``: the post-instruction positions and the last ``last_k`` (the union); else :func:`parse_positions`
-    (``post``, ``last`` or negative indices; ``all`` is refused)."""
-    if spec is None:
-        return sorted(set(post) | set(range(-last_k, 0)))
-    try:
-        pos = parse_positions(spec, post)
-    except ToolkitError as e:
-        raise ToolkitError(str(e).replace("--positions", opt)) from None
-    if pos is None:
-        raise ToolkitError(f"{opt} all is not supported: patch named positions (negative indices, post, last)")
-    return pos
 
 
 def _select(spec: str, split: str, column: str | None) -> PromptSet:
@@ -90,25 +75,24 @@ def patch(cfg: PatchConfig):
     interval ci_low..ci_high, effect = normalised for denoising and 1 - normalised for noising, rank by effect),
     pairs.csv, patch_<direction>.png and heads_<direction>.png (the effect: 0 = no change) and run.json.
     """
-    heads, max_len_diff = cfg.heads, cfg.max_len_diff
+    heads, max_len_diff, last_k = cfg.heads, cfg.max_len_diff, cfg.last_k
     dirs = list(DIRECTIONS) if cfg.direction == "both" else [cfg.direction]
     site_list = parse_sites(cfg.sites)
-    parse_layers(cfg.layers)
-    for spec, opt in ((cfg.positions, "--positions"), (cfg.head_positions if heads else None, "--head-positions")):
-        if spec is not None:
-            _positions(spec, [-1], cfg.last_k, opt)  # syntax only; post positions come from the model's template
-    if cfg.positions is None and cfg.last_k == 0:
+    layer_spec = LayerSpec.parse(cfg.layers)  # before the model is loaded
+    pos_spec = PositionSpec.parse(cfg.positions, "positions", allow_all=False)
+    hpos_spec = PositionSpec.parse(cfg.head_positions if heads else None, "head_positions", allow_all=False)
+    if cfg.positions is None and last_k == 0:
         raise ToolkitError("--last-k 0 leaves only the post-instruction positions: give --positions post instead")
     hset, bset = _select(cfg.harmful, cfg.split, cfg.column), _select(cfg.harmless, cfg.split, cfg.column)
 
     with Run("patch", cfg.name, cfg.force) as run:
         ses = cfg.open_session()
         r, lm = ses.runner, ses.lm
-        lays = layer_list(lm, cfg.layers)
+        lays = list(layer_spec.resolve(lm.n_layers))
         post = ses.fmt.post_positions()
-        pos = list(check_positions(_positions(cfg.positions, post, cfg.last_k)))
-        hpos = (list(check_positions(_positions(cfg.head_positions, post, cfg.last_k, "--head-positions")))
-                if heads else [])
+        default = sorted(set(post) | set(range(-last_k, 0)))  # the post-instruction positions and the last K
+        pos = list(pos_spec.resolve(post, default))
+        hpos = list(hpos_spec.resolve(post, default)) if heads else []
         lay = head_layout(lm.model) if heads else None
 
         # pairs by formatted token length

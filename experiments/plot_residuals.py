@@ -14,12 +14,14 @@ from rich.table import Table
 
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
+from toolkit.index_spec import LayerSpec
 from toolkit.plots import check_colors, default_colors, draw_frames, write_gif
 from toolkit.projection import METHODS, PACMAP_NEIGHBORS, min_points, project_layers
 from toolkit.prompts import distinct_names, load_prompt_set
+from toolkit.residuals import residuals
 from toolkit.runs import Run
 
-from .common import console, layer_list, out, parse_layers, residuals
+from .common import console, out
 from .config import FiniteFloat, Invalid, ModelOptions, PromptPosition, RunOptions, Site, command
 
 
@@ -71,7 +73,7 @@ def plot_residuals(cfg: PlotResidualsConfig):
     if cfg.colors is not None and len(color_list) != len(set_specs):
         raise ToolkitError(f"--colors has {len(color_list)} entries for {len(set_specs)} sets")
     check_colors(color_list)
-    parse_layers(cfg.layers)
+    layer_spec = LayerSpec.parse(cfg.layers)  # before the model is loaded
     loaded = []
     for s in set_specs:
         ps = load_prompt_set(s)
@@ -89,7 +91,7 @@ def plot_residuals(cfg: PlotResidualsConfig):
     with Run("plot-residuals", cfg.name, cfg.force) as run:
         ses = cfg.open_session()
         r, lm = ses.runner, ses.lm
-        lays = layer_list(lm, cfg.layers)
+        lays = list(layer_spec.resolve(lm.n_layers))
 
         # one pass over every set's prompts, stopping after the last needed layer
         t0 = time.time()

@@ -10,24 +10,17 @@ import pandas as pd
 import torch
 import typer
 
-from toolkit.directions import save_direction
+from toolkit.directions import Direction
 from toolkit.errors import ToolkitError
-from toolkit.hooks import SITES, check_layer
+from toolkit.index_spec import LayerSpec, PositionSpec, check_site
 from toolkit.prompts import PromptSet, distinct_names, load_prompt_set
 from toolkit.runs import Run
-from toolkit.steering import (SCALES, dial_direction, hash_split, measure, monotone_range, parse_alphas,
-                              parse_positions, random_directions, scale_value)
+from toolkit.steering import (SCALES, dial_direction, hash_split, measure, parse_alphas, random_directions,
+                              scale_value)
+from toolkit.steering_summary import band_table, monotonicity, summarise
 
-from .ablate import check_direction_matches, resolve_direction
-from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, finite, handle_errors, open_session, out, parse_layers, sweep_bar)
-
-SiteOpt = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}")
-PositionsOpt = typer.Option("post", "--positions", help="where to add: post (post-instruction tokens of the "
-                            "prompt), last, all (every position of every pass, generated tokens included), or "
-                            "negative indices like '-1,-3'")
-ScaleOpt = typer.Option("resid", "--scale", help="s in x + alpha*s*r_hat: unit (1), raw (the direction's own "
-                        "norm) or resid (mean residual norm at that layer over post-instruction tokens)")
+from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, PositionsOpt, QuietOpt, ScaleOpt,
+                     SeedOpt, SiteOpt, SystemOpt, console, finite, handle_errors, open_session, out, sweep_bar)
 
 
 @dataclass
@@ -78,14 +71,15 @@ def steer(
     if (direction is None) == (learn is None):
         raise ToolkitError("give exactly one of --direction or --learn")
     alphas = parse_alphas(alpha)
-    if site not in SITES:
-        raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
     if scale not in SCALES:
         raise ToolkitError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
     orthogonal = random if orthogonal is None else orthogonal
     if random < 0 or orthogonal < 0 or gen_tokens < 0 or (limit is not None and limit < 1):
         raise ToolkitError("--random, --orthogonal and --gen-tokens must be >= 0 and --limit >= 1")
-    layer_list = parse_layers(layers)
+    layer_spec = LayerSpec.parse(layers)
+    pos_spec = PositionSpec.parse(positions)
+    d = Direction.resolve(direction) if direction is not None else None
+    site = check_site(site or (d.site if d is not None and d.site else "resid_pre"))
     units: list[Unit] = []
     learn_ps = train_ps = None
     if learn is not None:
@@ -109,19 +103,16 @@ def steer(
         raise ToolkitError("nothing to evaluate: give --sets")
     for u, ps in zip(units, distinct_names([u.ps for u in units])):
         u.ps = ps
-    dvec = dmeta = dsource = None
-    if direction is not None:
-        dvec, dmeta, dsource = resolve_direction(direction)
 
     with Run("steer", name, force) as run:
         ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
         r, lm = ses.runner, ses.lm
-        if dvec is not None:
-            check_direction_matches(dmeta, dvec.shape[0], lm)
-        if layer_list is None:
-            layer_list = [int(dmeta["layer"])] if dmeta and dmeta.get("layer") is not None else [lm.n_layers // 2]
-        layer_list = list(dict.fromkeys(check_layer(lm.model, l) for l in layer_list))
-        pos = parse_positions(positions, ses.fmt.post_positions())
+        if d is not None:
+            d.check(lm)
+        layer_list = list(layer_spec.resolve(lm.n_layers, default=[d.layer] if d is not None and d.layer is not None
+                                             else [lm.n_layers // 2]))
+        pos = pos_spec.resolve(ses.fmt.post_positions())
+        pos = None if pos is None else list(pos)
         post = ses.fmt.post_positions()
 
         # every evaluated prompt (all sets and halves) goes through one encoding: one pass per point, one LM-head
@@ -150,7 +141,7 @@ def steer(
         learned: dict[int, torch.Tensor] = {}
         raw_norm: dict[int, float] = {}
         learn_info = {}
-        if dvec is None:
+        if d is None:
             tu = units[0]
             train_scores, train_acts = base["score"][tu.sl], a[tu.sl, :, -1]
             if len(tu.ps) < len(train_ps):  # --limit cut the evaluated half: learn on the whole half
@@ -159,18 +150,18 @@ def steer(
                     train_scores = measure(r, tenc, ses.refusal_ids, 0, desc="training half")["score"]
                 train_acts = tacts[site][:, :, 0]
         for li, l in enumerate(layer_list):
-            if dvec is not None:
-                v = dvec.double()
+            if d is not None:
+                v = d.vector.double()
             else:
                 v, top, bottom = dial_direction(train_acts[:, li], train_scores, top_k)
                 learn_info[l] = {"top_mean_score": float(np.mean(train_scores[top])),
                                  "bottom_mean_score": float(np.mean(train_scores[bottom]))}
-                meta = {"model_id": lm.model_id, "model_hash": lm.model_hash, "d_model": lm.d_model, "layer": l,
-                        "pos": -1, "site": site, "norm": float(v.norm()),
-                        "method": f"Refusal Dial: top-{top_k} minus bottom-{top_k} by refusal score",
-                        "learned_on": {"set": train_ps.name, "sha256": train_ps.sha256, "n": len(train_ps),
-                                       "split_seed": seed, "holdout_frac": holdout_frac}}
-                save_direction(run.path(f"direction_L{l}.safetensors"), v.float(), meta)
+                Direction(v.float(), layer=l, site=site, position=-1, model_hash=lm.model_hash,
+                          model_id=lm.model_id, method=f"Refusal Dial: top-{top_k} minus bottom-{top_k} by refusal "
+                          "score", extra={"learned_on": {"set": train_ps.name, "sha256": train_ps.sha256,
+                                                         "n": len(train_ps), "split_seed": seed,
+                                                         "holdout_frac": holdout_frac}}
+                          ).save(run.path(f"direction_L{l}.safetensors"))
             if float(v.norm()) == 0:
                 raise ToolkitError(f"the direction at layer {l} is zero")
             raw_norm[l] = float(v.norm())
@@ -225,11 +216,11 @@ def steer(
         results = {"alphas": alphas, "layers": layer_list, "scale": {"kind": scale, "values": scales,
                                                                      "resid_norm": resid_norm, "raw_norm": raw_norm},
                    "monotonic": mono, "n_passes": total, "learned": learn_info,
-                   "direction": {"source": dsource, **(dmeta or {})} if dvec is not None else
+                   "direction": d.describe() if d is not None else
                    {"source": "learned", "learn_set": learn_ps.name, "top_k": top_k, "n_train": len(train_ps)}}
         psets = [u.ps.describe() | {"part": u.part} for u in units]
         final = run.finish(model=lm.describe(), prompt_sets=psets, seed=seed,
-                           params={"direction": dsource, "learn": learn, "learn_split": learn_split, "top_k": top_k,
+                           params={"direction": d.source if d is not None else None, "learn": learn, "learn_split": learn_split, "top_k": top_k,
                                    "holdout_frac": holdout_frac, "sets": sets, "split": split, "limit": limit,
                                    "layers": layer_list, "site": site, "positions": positions, "alpha": alpha,
                                    "scale": scale, "random": random, "orthogonal": orthogonal,
@@ -251,80 +242,6 @@ def _rows(res: dict, u: Unit, kind: str, idx: int, dseed, layer: int, site: str,
                          "degenerate": None if res["degenerate"] is None else bool(res["degenerate"][i]),
                          "coherence": None if res["coherence"] is None else float(res["coherence"][i]),
                          "completion": None if res["completion"] is None else res["completion"][i]})
-    return out_rows
-
-
-KEYS = ["kind", "direction_index", "layer", "alpha", "set", "part"]
-
-
-def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """Per direction, layer, alpha, set and part: mean score with its t interval, refusal and degenerate rates with
-    Wilson intervals, and mean coherence (when completions were generated)."""
-    from toolkit.stats import mean_summary, rate_summary
-
-    rows = []
-    for key, g in df.groupby(KEYS, sort=False):
-        row = dict(zip(KEYS, key))
-        m = mean_summary(g["score"].to_numpy(float))
-        row.update({"n": m["n"], "mean_score": m["mean"], "score_ci_low": m["ci_low"], "score_ci_high": m["ci_high"]})
-        if g["refusal"].notna().all():
-            for col in ("refusal", "degenerate"):
-                s = rate_summary(g[col].astype(bool).tolist())
-                row.update({f"{col}_rate": s["rate"], f"{col}_ci_low": s["ci_low"], f"{col}_ci_high": s["ci_high"]})
-            row["mean_coherence"] = float(np.nanmean(g["coherence"].to_numpy(float))) \
-                if g["coherence"].notna().any() else float("nan")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def band_table(summary: pd.DataFrame, rates: bool) -> pd.DataFrame:
-    """The steered direction's mean per (layer, set, part, alpha) beside the random and orthogonal-random bands:
-    the random directions' mean, 2.5th and 97.5th percentiles of their per-direction means, the empirical
-    two-sided p-value of the learned effect (vs alpha 0) among the random effects, and whether it lies outside."""
-    from toolkit.stats import random_control
-
-    metrics = ["mean_score"] + (["refusal_rate"] if rates else [])
-    main = summary[summary.kind == "learned"]
-    rows = []
-    for (layer, set_, part), g in main.groupby(["layer", "set", "part"], sort=False):
-        base = g[g.alpha == 0]
-        for _, lr in g.iterrows():
-            row = {"layer": layer, "set": set_, "part": part, "alpha": lr["alpha"]}
-            for m in metrics:
-                row[m] = lr[m]
-                b0 = float(base[m].iloc[0]) if len(base) else float("nan")
-                for kind in ("random", "orthogonal"):
-                    rs = summary[(summary.kind == kind) & (summary.layer == layer) & (summary.set == set_)
-                                 & (summary.part == part)]
-                    at = rs[rs.alpha == lr["alpha"]][m].to_numpy(float)
-                    if len(at) == 0:
-                        continue
-                    pfx = f"{m}_{kind}"
-                    row[f"{pfx}_mean"] = float(at.mean())
-                    row[f"{pfx}_low"] = float(np.percentile(at, 2.5))
-                    row[f"{pfx}_high"] = float(np.percentile(at, 97.5))
-                    if lr["alpha"] != 0 and len(base):
-                        ctl = random_control(float(lr[m]) - b0, at - b0)
-                        row[f"{pfx}_p"] = ctl["p_value"]
-                        row[f"{pfx}_p_t"] = ctl["p_parametric"]
-                        row[f"{pfx}_outside"] = bool(ctl["exceeds_band"])
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def monotonicity(summary: pd.DataFrame) -> list[dict]:
-    """For the steered direction per (layer, set, part): Spearman's rho of mean score against alpha (scipy) and
-    the widest alpha interval around 0 on which the mean score never decreases."""
-    from scipy.stats import spearmanr
-
-    out_rows = []
-    main = summary[summary.kind == "learned"]
-    for (layer, set_, part), g in main.groupby(["layer", "set", "part"], sort=False):
-        g = g.sort_values("alpha")
-        rho = float(spearmanr(g.alpha, g.mean_score).statistic) if len(g) > 2 else float("nan")
-        lo, hi = monotone_range(g.alpha.tolist(), g.mean_score.tolist())
-        out_rows.append({"layer": int(layer), "set": set_, "part": part, "spearman_rho": rho,
-                         "monotone_from": lo, "monotone_to": hi})
     return out_rows
 
 

@@ -221,8 +221,8 @@ def _check_selection(folder: Path, layers: list[int]):
     d, meta = load_direction(folder / "direction.safetensors")
     assert d.shape == (D_MODEL,)
     assert meta["d_model"] == D_MODEL
-    assert (meta["layer"], meta["pos"]) == (int(chosen.layer), int(chosen.pos))
-    li, pi = layers.index(meta["layer"]), positions.index(meta["pos"])
+    assert (meta["layer"], meta["position"]) == (int(chosen.layer), int(chosen.pos))  # schema 2: position, not pos
+    li, pi = layers.index(meta["layer"]), positions.index(meta["position"])
     torch.testing.assert_close(d, cands["directions"][li, pi])
     return sel, meta
 

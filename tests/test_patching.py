@@ -379,7 +379,7 @@ def test_patch_cli_one_direction_without_heads(patch_env, runs):
     (["--positions", "-30"], "at least 31 tokens"),
     (["--pairs", "0"], "--pairs"),
     (["--max-len-diff", "-1"], "--max-len-diff"),
-    (["--head-positions", "first"], "--head-positions must be"),
+    (["--head-positions", "first"], "--head-positions: must be"),
 ])
 def test_patch_cli_bad_input(patch_env, runs, extra, needle):
     assert_usage_error(invoke(patch_args(patch_env, *extra)), needle)

@@ -11,11 +11,12 @@ import torch
 
 from conftest import PROMPTS, make_lm
 from toolkit.errors import ToolkitError
+from toolkit.index_spec import PositionSpec
 from toolkit.interventions import activation_addition, directional_ablation
 from toolkit.runner import Runner
 from toolkit.scoring import is_degenerate, refusal_score
 from toolkit.steering import (dial_direction, direction_seed, hash_split, measure, monotone_range, parse_alphas,
-                              parse_positions, random_directions, scale_value)
+                              random_directions, scale_value)
 from toolkit.templates import ChatFormat
 
 
@@ -39,15 +40,15 @@ def test_bad_alpha_grids(spec, needle):
         parse_alphas(spec)
 
 
-def test_positions():
+def test_positions():  # steering.parse_positions became toolkit.index_spec.PositionSpec (parse, then resolve)
     post = [-5, -4, -3, -2, -1]
-    assert parse_positions("all", post) is None
-    assert parse_positions("last", post) == [-1]
-    assert parse_positions("post", post) == post
-    assert parse_positions("-3,-1", post) == [-3, -1]
+    assert PositionSpec.parse("all").resolve(post) is None
+    assert PositionSpec.parse("last").resolve(post) == (-1,)
+    assert PositionSpec.parse("post").resolve(post) == tuple(post)
+    assert PositionSpec.parse("-3,-1").resolve(post) == (-3, -1)
     for bad in ("0", "1,-1", "first", ""):
         with pytest.raises(ToolkitError):
-            parse_positions(bad, post)
+            PositionSpec.parse(bad)
 
 
 # ------------------------------------------------------------------------------------------------ controls

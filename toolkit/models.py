@@ -38,7 +38,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,6 @@ class LoadedModel:
     source: str
     dtype: torch.dtype
     device: torch.device
-    extra: dict = field(default_factory=dict)
     device_map: dict | None = None
 
     @property
@@ -443,7 +442,6 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
     dt = resolve_dtype(dtype, dev)
     device_map = check_device_map(device_map)
     spec = spec or DEFAULT_MODEL_ALIAS
-    extra: dict = {}
     if spec == DEFAULT_MODEL_ALIAS:
         sha = DEFAULT_GGUF_SHA256
         folder = _gguf_cache_dir(sha)
@@ -453,7 +451,6 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
         repair_cache_config(folder)
         model, tok = _load_folder(folder, dt, dev, device_map)
         model_hash, source = sha, str(folder)
-        extra["name"] = DEFAULT_MODEL_NAME
     elif spec.lower().endswith(".gguf"):
         gguf = Path(spec).expanduser()
         if not gguf.is_file():
@@ -488,7 +485,7 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     placed = getattr(model, "hf_device_map", None) or (device_map if isinstance(device_map, dict) else None)
-    return LoadedModel(model, tok, spec, model_hash, source, dt, dev, extra, placed)
+    return LoadedModel(model, tok, spec, model_hash, source, dt, dev, placed)
 
 
 def _load_hub(spec: str, dt: torch.dtype, device_map=None):

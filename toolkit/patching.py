@@ -244,7 +244,7 @@ def check_positions(positions: Sequence[int]) -> tuple[int, ...]:
     """
     pos = sorted(set(int(p) for p in positions))
     if not pos or any(p >= 0 for p in pos):
-        raise ToolkitError("positions must be negative indices from the end of the prompt, e.g. -1")
+        raise ToolkitError("must be negative indices from the end of the prompt, e.g. -1", param="positions")
     return tuple(pos)
 
 

@@ -171,7 +171,7 @@ class Run:
         root = Path(root) if root is not None else runs_root()
         self.final = root / command / name
         if self.final.exists() and not force:
-            raise ToolkitError(f"run {self.final} already exists; choose another --name or pass --force")
+            raise ToolkitError(f"run {self.final} already exists; choose another `name` or pass `force`")
         self._created: list[Path] = []
         self.dir = self.final.parent / f".{name}.tmp"
         mine = False
@@ -189,7 +189,7 @@ class Run:
                 mine = True
             except FileExistsError:
                 raise ToolkitError(f"run {self.final} is being written by another process ({_owner_text(self.dir)}); "
-                                   "choose another --name") from None
+                                   "choose another `name`") from None
             (self.dir / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                            "started": time.time()}))
         except OSError as e:
@@ -268,7 +268,7 @@ class Run:
             if self.final.exists() or self.final.is_symlink():
                 if not self.force:
                     raise ToolkitError(f"run {self.final} was created by another command while this one ran; "
-                                       "nothing was replaced (use another --name, or --force to replace it)")
+                                       "nothing was replaced (use another `name`, or `force` to replace it)")
                 old = self.final.with_name(f".{self.name}.old-{os.getpid()}")
                 os.replace(self.final, old)
             os.rename(self.dir, self.final)  # fails on an existing non-empty folder: no silent replacement
@@ -397,3 +397,55 @@ def load_run(path: str | Path, command: str | None = None) -> tuple[Path, dict]:
     if command and meta.get("command") != command:
         raise ToolkitError(f"{path} is a '{meta.get('command')}' run, expected a '{command}' run")
     return p, meta
+
+
+def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit: int | None):
+    """Per-prompt baseline of prompt set ``ps`` read from a score run (``scores.csv``) instead of recomputed,
+    checked for the same model (hash), prompt file (hash), split, limit and completion length.
+
+    Args:
+        spec: the score run (folder or name).
+        ps: a :class:`toolkit.prompts.PromptSet`; lm: the :class:`toolkit.models.LoadedModel` evaluated.
+        split, gen_tokens, limit: this run's settings, which must equal the score run's.
+
+    Returns:
+        :class:`toolkit.evaluation.Evaluation` with ``logits=None``.
+
+    Raises:
+        ToolkitError: not a score run, another model, another prompt file (hash), split, limit or
+            completion length, or the set is missing from the run.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from .evaluation import Evaluation
+
+    folder, meta = load_run(spec, "score")
+    if (meta.get("model") or {}).get("hash") != lm.model_hash:
+        raise ToolkitError(f"baseline run {folder} was made with another model ({meta['model'].get('id')})")
+    params = meta.get("params", {})
+    if params.get("gen_tokens") != gen_tokens or params.get("split") != split or params.get("limit") != limit:
+        raise ToolkitError(f"baseline run {folder} used split {params.get('split')}, `gen_tokens` "
+                           f"{params.get('gen_tokens')}, `limit` {params.get('limit')}; this run uses {split}, "
+                           f"{gen_tokens}, {limit}")
+    sets = {p.get("name"): p for p in meta.get("prompt_sets", [])}
+    if ps.name not in sets or sets[ps.name].get("sha256") != ps.sha256:
+        raise ToolkitError(f"baseline run {folder} has no scores for prompt set {ps.name} with this file's hash")
+    path = folder / "scores.csv"
+    if not path.is_file():
+        raise ToolkitError(f"baseline run {folder} has no scores.csv")
+    df = read_run_table(path, "scores table")
+    lacking = [c for c in ("set", "id", "score", "refusal", "completion") if c not in df.columns]
+    if lacking:
+        raise ToolkitError(f"{path}: not a score run's table (no column {lacking[0]!r})")
+    df = df[df["set"] == ps.name].drop_duplicates("id").set_index("id")
+    missing = [i for i in ps.ids if i not in df.index]
+    if missing:
+        raise ToolkitError(f"baseline run {folder} lacks prompt {missing[0]} of {ps.name}")
+    df = df.loc[ps.ids]
+    refusals = df["refusal"].map(lambda v: str(v) == "True").to_numpy()
+    scores = pd.to_numeric(df["score"], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(scores).all():
+        raise ToolkitError(f"{path}: a score of {ps.name} is missing or not a number")
+    return Evaluation(None, df["completion"].fillna("").astype(str).tolist(),
+                      values={"score": scores, "refusal": refusals})

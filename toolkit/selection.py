@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,6 @@ import torch
 
 from .errors import ToolkitError
 from .evaluation import Evaluation, evaluate, judged
-from .hooks import check_layer
 from .interventions import activation_addition, directional_ablation
 from .runner import Encoded, Runner
 
@@ -260,8 +260,8 @@ class Candidates:
 
 
 def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusal_ids: list[int],
-                     filter_by: str = "judge", judge_tokens: int = 12, layers: list[int] | None = None,
-                     positions: list[int] | None = None) -> Candidates:
+                     filter_by: str = "judge", judge_tokens: int = 12, layers: Sequence[int] | None = None,
+                     positions: Sequence[int] | None = None) -> Candidates:
     """Difference-in-means at ``resid_pre`` of every layer x post-instruction position (Arditi et al. 2024).
 
     The training prompts are filtered first: with ``filter_by="judge"`` harmful prompts whose greedy
@@ -270,23 +270,24 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
     Activations are read in the same pass that produces the baseline (generation's prefill), so filtering costs
     no extra forward pass. Means are accumulated in float64.
 
-    ``layers``/``positions`` restrict the candidates (default: every layer, every post-instruction position).
+    ``layers``/``positions`` restrict the candidates (default: every layer, every post-instruction position);
+    ``layers`` are resolved indices (:meth:`toolkit.index_spec.LayerSpec.resolve`), used in increasing order.
 
     Raises:
-        ToolkitError: unknown filter, a layer or position out of range, or a side with no prompt left after
-            filtering.
+        ToolkitError: unknown filter, a position that is not post-instruction, or a side with no prompt left
+            after filtering.
     """
     if filter_by not in ("judge", "score", "none"):
-        raise ToolkitError(f"filter must be judge, score or none, got {filter_by!r}")
+        raise ToolkitError(f"must be judge, score or none, got {filter_by!r}", param="filter_by")
     n, post = runner.lm.n_layers, runner.fmt.post_positions()
-    layers = list(range(n)) if layers is None else sorted({check_layer(runner.model, l) for l in layers})
+    layers = list(range(n)) if layers is None else sorted(set(layers))
     if positions is None:
         positions = post
     else:
         bad = [p for p in positions if p not in post]
         if bad:
             raise ToolkitError(f"position {bad[0]} is not a post-instruction position of this template "
-                               f"({post[0]}..{post[-1]})")
+                               f"({post[0]}..{post[-1]})", param="positions")
         positions = sorted(set(positions))
     with runner.capture(len(harmful), layers, ["resid_pre"], positions) as acts_h:
         ev_h = evaluate(runner, harmful, judged(refusal_ids), gen_tokens=judge_tokens if filter_by == "judge" else 0,
@@ -302,7 +303,7 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
     keep_b = np.flatnonzero(ev_b.scores < 0) if filter_by != "none" else np.arange(len(harmless))
     if len(keep_h) == 0 or len(keep_b) == 0:
         raise ToolkitError(f"training filter left {len(keep_h)} harmful and {len(keep_b)} harmless prompts; "
-                           "use --filter none or more prompts")
+                           "use `filter_by` none or more prompts")
     mh = acts_h["resid_pre"][torch.as_tensor(keep_h)].double().mean(0)
     mb = acts_b["resid_pre"][torch.as_tensor(keep_b)].double().mean(0)
     return Candidates(mh - mb, layers, positions, keep_h.tolist(), keep_b.tolist(),

@@ -1,4 +1,5 @@
-"""Activation steering with controls: alpha grids, scales, positions, random directions, holdout splits.
+"""Activation steering with controls: alpha grids, scales, random directions, holdout splits (positions: see
+:mod:`toolkit.index_spec`; summaries of sweeps: :mod:`toolkit.steering_summary`).
 
 Steering is activation addition (:func:`toolkit.interventions.activation_addition`):
 ``x <- x + alpha * s * r_hat`` at one site of the chosen layers, where ``r_hat`` is a unit direction and
@@ -36,67 +37,44 @@ def parse_alphas(spec: str) -> list[float]:
         Sorted, distinct alphas (at most :data:`MAX_ALPHAS`), rounded to 10 decimals.
 
     Raises:
-        ToolkitError: not numbers, non-finite values, a zero step, a step of the wrong sign, a step that does
-            not divide ``stop - start``, duplicates, or too many points.
+        ToolkitError (param ``alpha``): not numbers, non-finite values, a zero step, a step of the wrong sign, a
+            step that does not divide ``stop - start``, duplicates, or too many points.
     """
     text = (spec or "").strip()
     if not text:
-        raise ToolkitError("empty --alpha grid")
+        raise ToolkitError("empty grid", param="alpha")
     try:
         if ":" in text:
             parts = [float(x) for x in text.split(":")]
             if len(parts) != 3:
-                raise ToolkitError(f"--alpha range must be start:stop:step, got {spec!r}")
+                raise ToolkitError(f"range must be start:stop:step, got {spec!r}", param="alpha")
             a, b, step = parts
             if not all(math.isfinite(x) for x in parts):
-                raise ToolkitError(f"--alpha values must be finite, got {spec!r}")
+                raise ToolkitError(f"values must be finite, got {spec!r}", param="alpha")
             if step == 0:
-                raise ToolkitError("--alpha step must not be 0")
+                raise ToolkitError("step must not be 0", param="alpha")
             if (b - a) * step < 0:
-                raise ToolkitError(f"--alpha step {step:g} goes away from stop {b:g} (start {a:g})")
+                raise ToolkitError(f"step {step:g} goes away from stop {b:g} (start {a:g})", param="alpha")
             n = (b - a) / step
             if abs(n - round(n)) > 1e-6:
-                raise ToolkitError(f"--alpha step {step:g} does not divide the range {a:g}..{b:g}")
+                raise ToolkitError(f"step {step:g} does not divide the range {a:g}..{b:g}", param="alpha")
             if round(n) + 1 > MAX_ALPHAS:
-                raise ToolkitError(f"--alpha grid has {round(n) + 1} points; at most {MAX_ALPHAS}")
+                raise ToolkitError(f"grid has {round(n) + 1} points; at most {MAX_ALPHAS}", param="alpha")
             vals = [a + i * step for i in range(round(n) + 1)]
         else:
             vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ToolkitError(f"--alpha must be numbers like '-4:4:1' or '-2,0,2', got {spec!r}") from None
+        raise ToolkitError(f"must be numbers like '-4:4:1' or '-2,0,2', got {spec!r}", param="alpha") from None
     if not vals:
-        raise ToolkitError("empty --alpha grid")
+        raise ToolkitError("empty grid", param="alpha")
     if not all(math.isfinite(v) for v in vals):
-        raise ToolkitError(f"--alpha values must be finite, got {spec!r}")
+        raise ToolkitError(f"values must be finite, got {spec!r}", param="alpha")
     vals = [round(v, 10) + 0.0 for v in vals]
     if len(set(vals)) != len(vals):
-        raise ToolkitError(f"--alpha has repeated values: {spec!r}")
+        raise ToolkitError(f"has repeated values: {spec!r}", param="alpha")
     if len(vals) > MAX_ALPHAS:
-        raise ToolkitError(f"--alpha grid has {len(vals)} points; at most {MAX_ALPHAS}")
+        raise ToolkitError(f"grid has {len(vals)} points; at most {MAX_ALPHAS}", param="alpha")
     return sorted(vals)
-
-
-def parse_positions(spec: str, post_positions: Sequence[int]) -> list[int] | None:
-    """Steering positions: ``all`` (None: every position of every pass, generated tokens included), ``last``
-    (``[-1]``), ``post`` (the post-instruction positions given), or negative indices such as ``"-1,-3"``.
-
-    Raises:
-        ToolkitError: anything else, or a non-negative index.
-    """
-    s = (spec or "").strip().lower()
-    if s == "all":
-        return None
-    if s == "last":
-        return [-1]
-    if s == "post":
-        return sorted(set(int(p) for p in post_positions))
-    try:
-        pos = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise ToolkitError(f"--positions must be all, last, post or negative indices like '-1,-2', got {spec!r}") from None
-    if not pos or any(p >= 0 for p in pos):
-        raise ToolkitError(f"--positions indices must be negative (from the end of the prompt), got {spec!r}")
-    return sorted(set(pos))
 
 
 def _seed_int(*parts) -> int:
@@ -208,7 +186,7 @@ def scale_value(kind: str, raw_norm: float, resid_norm: float | None) -> float:
         if resid_norm is None or not math.isfinite(resid_norm):
             raise ToolkitError("the resid scale needs the mean residual norm")
         return float(resid_norm)
-    raise ToolkitError(f"--scale must be one of {', '.join(SCALES)}, got {kind!r}")
+    raise ToolkitError(f"must be one of {', '.join(SCALES)}, got {kind!r}", param="scale")
 
 
 def monotone_range(alphas: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
@@ -235,9 +213,6 @@ def monotone_range(alphas: Sequence[float], values: Sequence[float]) -> tuple[fl
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-MEASURES = ("score", "refusal", "degenerate", "coherence")
-
-
 def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector: torch.Tensor | None = None,
             layers: Sequence[int] = (), alpha: float = 0.0, positions: Sequence[int] | None = None,
             site: str = "resid_pre", context=None, coherence_context=None,
