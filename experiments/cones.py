@@ -3,59 +3,62 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated, Optional
 
 import numpy as np
 import pandas as pd
 import torch
-import typer
+from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.errors import ToolkitError
-from toolkit.directions import DirectionSet
 from toolkit.cones import ablation_test, cone_tables, pick_layer, separation
+from toolkit.directions import DirectionSet
+from toolkit.errors import ToolkitError
 from toolkit.geometry import (LINEAR_MAX_DIM, LINEAR_MIN_COS, POLY_MAX_COS, POLY_MIN_DIM, cone_distributions,
                               contrast_layers, kmeans_scan)
 from toolkit.hooks import SITES
-from toolkit.index_spec import LayerSpec, check_position
-from toolkit.residuals import residuals
+from toolkit.index_spec import LayerSpec
 from toolkit.prompts import distinct_names, load_prompt_set
+from toolkit.residuals import residuals
 from toolkit.runs import Run
 
-from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, handle_errors, open_session, out)
+from .common import console, out
+from .config import Invalid, ModelOptions, PromptPosition, RunOptions, Site, command
 
 
-@handle_errors
-def cones(
-    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set with a category per prompt"),
-    harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set"),
-    split: str = typer.Option("train", "--split", help="split the cones are computed on (files without splits: "
-                              "all prompts)"),
-    max_per_category: int = typer.Option(None, "--max-per-category", min=1, help="use at most N prompts per category "
-                                         "(and N x categories harmless prompts)"),
-    min_per_category: int = typer.Option(10, "--min-per-category", help="categories with fewer prompts are "
-                                         "reported, not analysed"),
-    layers: str = typer.Option(None, "--layers", help="layers, e.g. '12', '8,12,16' or '4:20' [default: all]"),
-    site: str = typer.Option("resid_pre", "--site", help=f"hook site: {', '.join(SITES)}"),
-    position: int = typer.Option(-1, "--position", help="prompt position (negative index; -1 = last token)"),
-    boot: int = typer.Option(200, "--boot", help="bootstrap resamples (prompts resampled within categories)"),
-    null: int = typer.Option(200, "--null", help="random splits of the harmful prompts into groups of the same "
-                             "sizes (the null)"),
-    kmeans: bool = typer.Option(True, "--kmeans/--no-kmeans", help="k-means of harmful residuals vs the labels"),
-    k_max: int = typer.Option(12, "--k-max", min=2, help="largest k tried by k-means"),
-    report_layer: int = typer.Option(None, "--report-layer", help="layer of the per-category table and the "
-                                     "ablation test [default: the best-separating layer below 80 % depth]"),
-    ablate_test: bool = typer.Option(False, "--ablate-test", help="also ablate the single pooled direction, all "
-                                     "category directions, and the single one plus random directions of the same "
-                                     "total dimension, and score each category's held-out prompts"),
-    eval_split: str = typer.Option("test", "--eval-split", help="split scored by the ablation test"),
-    eval_harmless: int = typer.Option(60, "--eval-harmless", min=0, help="harmless prompts scored by the ablation test "
-                                      "(for the KL and the harmless score)"),
-    plot: bool = typer.Option(True, "--plot/--no-plot", help="write cones.png"),
-    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
-    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
-):
+class ConesConfig(ModelOptions, RunOptions):
+    """``refusal cones``' options."""
+
+    harmful: str = Field("harmful", description="harmful prompt set with a category per prompt")
+    harmless: str = Field("harmless", description="harmless prompt set")
+    split: str = Field("train", description="split the cones are computed on (files without splits: all prompts)")
+    max_per_category: Optional[int] = Field(None, ge=1, description="use at most N prompts per category (and N x "
+                                            "categories harmless prompts)")
+    min_per_category: Annotated[int, Field(ge=2), Invalid("must be at least 2: a direction from one prompt has no "
+                                                          "interval, got {value}")] = Field(
+        10, description="categories with fewer prompts are reported, not analysed")
+    layers: Optional[str] = Field(None, description="layers, e.g. '12', '8,12,16' or '4:20' [default: all]")
+    site: Site = Field("resid_pre", description=f"hook site: {', '.join(SITES)}")
+    position: PromptPosition = Field(-1, description="prompt position (negative index; -1 = last token)")
+    boot: int = Field(200, ge=0, description="bootstrap resamples (prompts resampled within categories)")
+    null: int = Field(200, ge=0, description="random splits of the harmful prompts into groups of the same sizes "
+                      "(the null)")
+    kmeans: bool = Field(True, description="k-means of harmful residuals vs the labels")
+    k_max: int = Field(12, ge=2, description="largest k tried by k-means")
+    report_layer: Optional[int] = Field(None, description="layer of the per-category table and the ablation test "
+                                        "[default: the best-separating layer below 80 % depth]")
+    ablate_test: bool = Field(False, description="also ablate the single pooled direction, all category directions, "
+                              "and the single one plus random directions of the same total dimension, and score "
+                              "each category's held-out prompts")
+    eval_split: str = Field("test", description="split scored by the ablation test")
+    eval_harmless: int = Field(60, ge=0, description="harmless prompts scored by the ablation test (for the KL and "
+                               "the harmless score)")
+    plot: bool = Field(True, description="write cones.png")
+
+
+@command(ConesConfig)
+def cones(cfg: ConesConfig):
     """Concept cones (OBLITERATUS's method, with intervals and a null): per harm category, the direction
     mean_harmful_c - mean_harmless at each layer, its strength, pairwise cosines, specificity and the cone's
     dimensionality (entropy effective rank), each with a bootstrap 95 % interval over prompts and the same
@@ -66,18 +69,13 @@ def cones(
     per-category directions, means and residual norms per layer: an input of `refusal imprint`), cones.png and
     run.json.
     """
-    if min_per_category < 2:
-        raise ToolkitError("--min-per-category must be at least 2: a direction from one prompt has no interval")
-    if boot < 0 or null < 0:
-        raise ToolkitError("--boot and --null must be >= 0")
+    boot, null, site, position, seed = cfg.boot, cfg.null, cfg.site, cfg.position, cfg.seed
+    min_per_category, max_per_category = cfg.min_per_category, cfg.max_per_category
     if boot and boot < 20 or null and null < 20:
-        raise ToolkitError("use at least 20 resamples for --boot and --null (or 0 to skip)")
-    if site not in SITES:
-        raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
-    layer_spec = LayerSpec.parse(layers)  # before the model is loaded
-    check_position(position)
-    H = load_prompt_set(harmful).select(split)
-    G = load_prompt_set(harmless).select(split)
+        raise ToolkitError("use at least 20 resamples for `boot` and `null` (or 0 to skip)")
+    layer_spec = LayerSpec.parse(cfg.layers)  # before the model is loaded
+    H = load_prompt_set(cfg.harmful).select(cfg.split)
+    G = load_prompt_set(cfg.harmless).select(cfg.split)
     H, G = distinct_names([H, G])
     counts = pd.Series([r["category"] for r in H.records]).value_counts().sort_index()
     kept = [c for c, n in counts.items() if n >= min_per_category]
@@ -101,8 +99,8 @@ def cones(
     for c, n in excluded.items():
         console.print(f"category {c!r}: {n} prompt(s) < --min-per-category {min_per_category}: reported, "
                       "not analysed", highlight=False)
-    with Run("cones", name, force) as run:
-        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+    with Run("cones", cfg.name, cfg.force) as run:
+        ses = cfg.open_session()
         r, lm = ses.runner, ses.lm
         lay = list(layer_spec.resolve(lm.n_layers))
         t0 = time.time()
@@ -121,13 +119,13 @@ def cones(
         lay_l = [lay[i] for i in live]
         Xh_l, Xg_l = Xh[:, live], Xg[:, live]
         sep = separation(Xh_l, Xg_l)
-        rep = report_layer if report_layer is not None else pick_layer(lay_l, sep, lm.n_layers)
+        rep = cfg.report_layer if cfg.report_layer is not None else pick_layer(lay_l, sep, lm.n_layers)
         if rep not in lay_l:
-            raise ToolkitError(f"--report-layer {rep} is not among the analysed layers {lay_l}")
+            raise ToolkitError(f"{rep} is not among the analysed layers {lay_l}", param="report_layer")
         t0 = time.time()
         from tqdm.auto import tqdm
 
-        with tqdm(total=boot + null, desc="bootstrap + null", disable=quiet, leave=False) as bar:
+        with tqdm(total=boot + null, desc="bootstrap + null", disable=cfg.quiet, leave=False) as bar:
             dist = cone_distributions(Xh_l, labels, Xg_l, n_boot=boot, n_null=null, seed=seed, progress=bar.update)
         run.time("bootstrap", time.time() - t0)
         cats, sizes = dist["categories"], dist["sizes"]
@@ -136,11 +134,11 @@ def cones(
             - Xg_l.double().mean(0)  # [k, L, d]
         tables = cone_tables(dist, lay_l, norms[live].numpy(), pooled[live], sep, cat_dirs)
         km = pd.DataFrame()
-        if kmeans:
+        if cfg.kmeans:
             t0 = time.time()
-            ks = [k for k in range(2, k_max + 1) if k < len(H)]
+            ks = [k for k in range(2, cfg.k_max + 1) if k < len(H)]
             rows = []
-            for i, l in enumerate(tqdm(lay_l, desc="k-means", disable=quiet, leave=False)):
+            for i, l in enumerate(tqdm(lay_l, desc="k-means", disable=cfg.quiet, leave=False)):
                 for res in kmeans_scan(Xh_l[:, i], labels, ks, seed=seed):
                     rows.append({"layer": l, **res})
             km = pd.DataFrame(rows)
@@ -157,20 +155,20 @@ def cones(
         run.write_csv("pairs.csv", tables["pairs"])
         ri = lay_l.index(rep)
         abl = None
-        if ablate_test:
+        if cfg.ablate_test:
             t0 = time.time()
-            Hs = load_prompt_set(harmful).select(eval_split)
-            Gs = load_prompt_set(harmless).select(eval_split).head(eval_harmless)
+            Hs = load_prompt_set(cfg.harmful).select(cfg.eval_split)
+            Gs = load_prompt_set(cfg.harmless).select(cfg.eval_split).head(cfg.eval_harmless)
             abl = ablation_test(r, ses.refusal_ids, Hs, Gs, cats, pooled[live][ri], cat_dirs[:, ri], rep, seed)
             run.write_csv("ablation.csv", abl)
             run.time("ablation_test", time.time() - t0)
         DirectionSet(pooled[live], lay_l, site=site, position=position, model_hash=lm.model_hash,
                      model_id=lm.model_id, method="difference-in-means per layer: mean harmful - mean harmless (per "
-                     "category and pooled)", extra={"categories": cats, "kind": "cones", "split": split},
+                     "category and pooled)", extra={"categories": cats, "kind": "cones", "split": cfg.split},
                      tensors={"category_directions": cat_dirs, "mean_harmful": Xh_l.double().mean(0),
                               "mean_harmless": Xg_l.double().mean(0), "resid_norm": norms[live]}
                      ).save(run.path("directions.safetensors"))
-        if plot:
+        if cfg.plot:
             from toolkit.plots import cones_plot
 
             cones_plot(tables["cones"], tables["pairs"], rep, run.path("cones.png"))
@@ -188,12 +186,7 @@ def cones(
         if abl is not None:
             results["ablation"] = abl.to_dict("records")
         final = run.finish(model=lm.describe(), prompt_sets=[H.describe(), G.describe()], seed=seed,
-                           params={"split": split, "site": site, "position": position, "layers": lay,
-                                   "min_per_category": min_per_category, "max_per_category": max_per_category,
-                                   "boot": boot, "null": null, "kmeans": kmeans, "k_max": k_max,
-                                   "ablate_test": ablate_test, "eval_split": eval_split, "eval_harmless": eval_harmless,
-                                   "system": system},
-                           results=results)
+                           params=cfg.params(layers=lay), results=results)
     print_cones(cones_df, tables["categories"], rep, excluded, len(cats))
     if abl is not None:
         print_ablation(abl)

@@ -68,13 +68,15 @@ from pydantic_settings import EnvSettingsSource, TomlConfigSettingsSource
 
 from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
+from toolkit.steering import SCALES
 
 from .common import SEED_MAX, handle_errors
 
 ENV_PREFIX = "REFUSAL_"
 
-__all__ = ["Cli", "Invalid", "Site", "PromptPosition", "CommandConfig", "ModelOptions", "RunOptions", "FiniteFloat", "command", "load_config",
-           "ENV_PREFIX", "NOT_COMPARED"]
+__all__ = ["Cli", "Invalid", "Site", "PromptPosition", "SteerSite", "SteerPositions", "SteerScale", "DirectionSpec",
+           "CommandConfig", "ModelOptions", "RunOptions", "FiniteFloat", "command", "load_config", "ENV_PREFIX",
+           "NOT_COMPARED"]
 
 
 # ---------------------------------------------------------------------------------------------- CLI metadata
@@ -134,6 +136,19 @@ Site = Annotated[Literal[SITES], Invalid("unknown hook site {value!r}; choose on
 # a prompt position read by negative index from the end of the prompt
 PromptPosition = Annotated[int, Field(lt=0), Invalid("must be a negative index from the end of the prompt (-1 = last "
                                                      "token), got {value!r}")]
+
+
+# the steering options shared by ``steer`` and ``dose-response``: the site (default: the direction's), where the
+# vector is added, and its scale
+SteerSite = Annotated[Optional[str], Field(description=f"hook site: {', '.join(SITES)} [default: the direction's "
+                                           "site, else resid_pre]")]
+SteerPositions = Annotated[str, Field(description="where to add: post (post-instruction tokens of the prompt), last, "
+                                      "all (every position of every pass, generated tokens included), or negative "
+                                      "indices like '-1,-3'")]
+SteerScale = Annotated[Literal[SCALES], Field(description="s in x + alpha*s*r_hat: unit (1), raw (the direction's "
+                                              "own norm) or resid (mean residual norm at that layer over "
+                                              "post-instruction tokens)")]
+DirectionSpec = Annotated[str, Cli("--direction", "-d")]
 
 
 # ---------------------------------------------------------------------------------------------- models

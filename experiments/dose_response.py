@@ -4,42 +4,47 @@ logistic fits, ED50s and the therapeutic index."""
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 import pandas as pd
-import typer
+from pydantic import Field
 
 from toolkit.directions import Direction
 from toolkit.errors import ToolkitError
+from toolkit.evaluation import Coherence, Degeneration, evaluate, judged
 from toolkit.index_spec import LayerSpec, PositionSpec, check_site
+from toolkit.interventions import activation_addition
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
-from toolkit.steering import SCALES, measure, parse_alphas, scale_value
+from toolkit.steering import parse_alphas, scale_value
 from toolkit.steering_summary import fit_curves, summarise_doses
 
-from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, PositionsOpt, QuietOpt, ScaleOpt,
-                     SeedOpt, SiteOpt, SystemOpt, console, handle_errors, open_session, out, sweep_bar)
+from .common import console, out, sweep_bar
+from .config import DirectionSpec, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command
 
 
-@handle_errors
-def dose_response(
-    direction: str = typer.Option(..., "--direction", "-d", help="runs/extract/NAME (or NAME) or a direction file "
-                                  "(e.g. runs/steer/NAME/direction_L12.safetensors)"),
-    layer: int = typer.Option(None, "--layer", help="layer steered [default: the direction's layer]"),
-    site: str = SiteOpt,
-    positions: str = PositionsOpt,
-    alpha: str = typer.Option("0:1:0.125", "--alpha", help="dose grid: start:stop:step (inclusive) or a list"),
-    scale: str = ScaleOpt,
-    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set (refusal is wanted)"),
-    benign: str = typer.Option("borderline", "--benign", help="benign prompt set (refusal is over-refusal)"),
-    split: str = typer.Option("test", "--split", help="split of both sets (files without splits: all)"),
-    limit: int = typer.Option(None, "--limit", min=2, help="at most N prompts per set"),
-    gen_tokens: int = typer.Option(12, "--gen-tokens", min=1, help="greedy tokens generated and judged per prompt"),
-    bootstrap: int = typer.Option(1000, "--bootstrap", min=100, help="bootstrap resamples for the ED50 and TI-S intervals"),
-    plot: bool = typer.Option(True, "--plot/--no-plot", help="write dose_response.png"),
-    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
-    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
-):
+class DoseResponseConfig(ModelOptions, RunOptions):
+    """``refusal dose-response``'s options."""
+
+    direction: DirectionSpec = Field(..., description="runs/extract/NAME (or NAME) or a direction file (e.g. "
+                                     "runs/steer/NAME/direction_L12.safetensors)")
+    layer: Optional[int] = Field(None, description="layer steered [default: the direction's layer]")
+    site: SteerSite = None
+    positions: SteerPositions = "post"
+    alpha: str = Field("0:1:0.125", description="dose grid: start:stop:step (inclusive) or a list")
+    scale: SteerScale = "resid"
+    harmful: str = Field("harmful", description="harmful prompt set (refusal is wanted)")
+    benign: str = Field("borderline", description="benign prompt set (refusal is over-refusal)")
+    split: str = Field("test", description="split of both sets (files without splits: all)")
+    limit: Optional[int] = Field(None, ge=2, description="at most N prompts per set")
+    gen_tokens: int = Field(12, ge=1, description="greedy tokens generated and judged per prompt")
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for the ED50 and TI-S intervals")
+    plot: bool = Field(True, description="write dose_response.png")
+
+
+@command(DoseResponseConfig)
+def dose_response(cfg: DoseResponseConfig):
     """Dose-response of steering: for each alpha, generate on harmful and benign prompts and report harmful refusal,
     benign over-refusal and degenerate rates (Wilson 95 % intervals) and coherence; fit logistic curves (statsmodels
     GLM, binomial) and report each ED50 and TI-S = ED50(benign) / ED50(harmful) with bootstrap intervals. A curve
@@ -48,31 +53,22 @@ def dose_response(
     Writes runs/dose-response/NAME/ with results.csv (per alpha, set and prompt), summary.csv (per alpha and role),
     fits.csv (per role: logistic coefficients, ED50 and interval), dose_response.png and run.json.
     """
-    alphas = parse_alphas(alpha)
+    alphas = parse_alphas(cfg.alpha)
     if len(alphas) < 3:
-        raise ToolkitError("--alpha needs at least 3 doses to fit a dose-response curve")
-    if scale not in SCALES:
-        raise ToolkitError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    if gen_tokens < 1:
-        raise ToolkitError("--gen-tokens must be >= 1: refusal is judged on completions")
-    if bootstrap < 100:
-        raise ToolkitError("--bootstrap needs at least 100 resamples")
-    if limit is not None and limit < 2:
-        raise ToolkitError("--limit must be >= 2")
-    pos_spec = PositionSpec.parse(positions)
-    d = Direction.resolve(direction)
-    site = check_site(site or d.site or "resid_pre")
-    if layer is None and d.layer is None:
-        raise ToolkitError("the direction file names no layer; pass --layer")
-    layer_spec = LayerSpec.of([d.layer], "direction") if layer is None else LayerSpec.of([layer], "layer")
+        raise ToolkitError("needs at least 3 doses to fit a dose-response curve", param="alpha")
+    pos_spec = PositionSpec.parse(cfg.positions)
+    d = Direction.resolve(cfg.direction)
+    site = check_site(cfg.site or d.site or "resid_pre")
+    if cfg.layer is None and d.layer is None:
+        raise ToolkitError("the direction file names no layer; pass `layer`")
+    layer_spec = LayerSpec.of([d.layer], "direction") if cfg.layer is None else LayerSpec.of([cfg.layer], "layer")
     sets = []
-    for role, spec in (("harmful", harmful), ("benign", benign)):
-        ps = load_prompt_set(spec)
-        ps = ps.select(split).head(limit)
+    for role, spec in (("harmful", cfg.harmful), ("benign", cfg.benign)):
+        ps = load_prompt_set(spec).select(cfg.split).head(cfg.limit)
         sets.append((role, ps))
     sets = list(zip([r for r, _ in sets], distinct_names([ps for _, ps in sets])))
-    with Run("dose-response", name, force) as run:
-        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+    with Run("dose-response", cfg.name, cfg.force) as run:
+        ses = cfg.open_session()
         r, lm = ses.runner, ses.lm
         d.check(lm)
         (layer,) = layer_spec.resolve(lm.n_layers)
@@ -87,45 +83,46 @@ def dose_response(
             norms.append(a.norm(dim=-1).flatten())
         resid_norm = float(np.concatenate([n.numpy() for n in norms]).astype(np.float64).mean())
         raw = d.norm
-        s = scale_value(scale, raw, resid_norm)
+        s = scale_value(cfg.scale, raw, resid_norm)
         coh = [r.context(enc, 1, desc="prompt cache") for enc in encs]  # coherence passes: completion tokens only
         vec = (d.vector.double() / raw).float() * s
         run.time("norms", time.time() - t0)
 
         t0 = time.time()
         rows = []
-        with sweep_bar(r, len(alphas) * len(sets), "dose-response", quiet) as bar:
+        with sweep_bar(r, len(alphas) * len(sets), "dose-response", cfg.quiet) as bar:
             for a in alphas:
                 for (role, ps), enc, cctx in zip(sets, encs, coh):
-                    res = measure(r, enc, ses.refusal_ids, gen_tokens, vector=vec, layers=[layer], alpha=a,
-                                  positions=pos, site=site, coherence_context=cctx)
+                    steering = (activation_addition(lm.model, vec, [layer], alpha=a, positions=pos, site=site)
+                                if a != 0 else None)
+                    res = evaluate(r, enc, [*judged(ses.refusal_ids), Degeneration(), Coherence(cctx)],
+                                   gen_tokens=cfg.gen_tokens, intervention=steering, desc="dose-response")
+                    v = {k: res.get(k) for k in ("refusal", "degenerate", "coherence")}
                     for i, rec in enumerate(ps.records):
                         rows.append({"alpha": a, "set": ps.name, "role": role, "id": rec["id"],
-                                     "score": float(res["score"][i]), "refusal": bool(res["refusal"][i]),
-                                     "degenerate": bool(res["degenerate"][i]),
-                                     "coherence": float(res["coherence"][i]), "completion": res["completion"][i]})
+                                     "score": float(res.scores[i]), "refusal": bool(v["refusal"][i]),
+                                     "degenerate": bool(v["degenerate"][i]),
+                                     "coherence": float(v["coherence"][i]), "completion": res.completions[i]})
                     bar.update(1)
         run.time("sweep", time.time() - t0)
         df = pd.DataFrame(rows)
         summary = summarise_doses(df)
         t0 = time.time()
-        fits, curves, ti = fit_curves(df, alphas, bootstrap, seed)
+        fits, curves, ti = fit_curves(df, alphas, cfg.bootstrap, cfg.seed)
         run.time("fits", time.time() - t0)
         run.write_csv("results.csv", df)
         run.write_csv("summary.csv", summary)
         run.write_csv("fits.csv", fits)
-        if plot:
+        if cfg.plot:
             from toolkit.plots import dose_response_plot
 
             dose_response_plot(summary, curves, run.path("dose_response.png"))
         results = {"fits": fits.to_dict(orient="records"), "therapeutic_index": ti, "alphas": alphas,
-                   "layer": layer, "scale": {"kind": scale, "value": s, "resid_norm": resid_norm, "raw_norm": raw},
+                   "layer": layer, "scale": {"kind": cfg.scale, "value": s, "resid_norm": resid_norm, "raw_norm": raw},
                    "direction": d.describe()}
         final = run.finish(model=lm.describe(), prompt_sets=[ps.describe() | {"role": role} for role, ps in sets],
-                           seed=seed, params={"direction": d.source, "layer": layer, "site": site,
-                                              "positions": positions, "alpha": alpha, "scale": scale, "split": split,
-                                              "limit": limit, "gen_tokens": gen_tokens, "bootstrap": bootstrap,
-                                              "system": system, "refusal_token_ids": ses.refusal_ids},
+                           seed=cfg.seed, params=cfg.params(direction=d.source, layer=layer, site=site,
+                                                            refusal_token_ids=ses.refusal_ids),
                            results=results)
     print_dose(summary, fits, ti)
     console.print(f"wrote {final}")

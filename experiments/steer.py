@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Annotated, Optional
 
 import numpy as np
 import pandas as pd
 import torch
-import typer
+from pydantic import Field
 
 from toolkit.directions import Direction
 from toolkit.errors import ToolkitError
+from toolkit.evaluation import Coherence, Degeneration, Evaluation, evaluate, judged
 from toolkit.index_spec import LayerSpec, PositionSpec, check_site
+from toolkit.interventions import activation_addition
 from toolkit.prompts import PromptSet, distinct_names, load_prompt_set
 from toolkit.runs import Run
-from toolkit.steering import (SCALES, dial_direction, hash_split, measure, parse_alphas, random_directions,
-                              scale_value)
+from toolkit.steering import dial_direction, hash_split, parse_alphas, random_directions, scale_value
 from toolkit.steering_summary import band_table, monotonicity, summarise
 
-from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, PositionsOpt, QuietOpt, ScaleOpt,
-                     SeedOpt, SiteOpt, SystemOpt, console, finite, handle_errors, open_session, out, sweep_bar)
+from .common import console, out, sweep_bar
+from .config import Cli, FiniteFloat, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command
 
 
 @dataclass
@@ -32,35 +34,38 @@ class Unit:
     sl: slice | None = None
 
 
-@handle_errors
-def steer(
-    direction: str = typer.Option(None, "--direction", "-d", help="runs/extract/NAME (or NAME) or a direction "
-                                  "file; or use --learn"),
-    learn: str = typer.Option(None, "--learn", help="learn a Refusal Dial direction from this prompt set: top-k "
-                              "vs bottom-k prompts of one hash-split half by baseline refusal score"),
-    learn_split: str = typer.Option("all", "--learn-split", help="split of the --learn set that is hash-split "
-                                    "into training and holdout halves"),
-    top_k: int = typer.Option(30, "--top-k", min=1, help="prompts on each side of the Refusal Dial contrast"),
-    holdout_frac: float = typer.Option(0.5, "--holdout-frac", callback=finite(gt=0, lt=1), help="share of the --learn set held out"),
-    sets: str = typer.Option("harmful,borderline", "--sets", help="comma-separated evaluation sets (built-in "
-                             "names or files); the --learn set is evaluated on both halves instead"),
-    split: str = typer.Option("test", "--split", help="split of the evaluation sets (files without splits: all)"),
-    limit: int = typer.Option(None, "--limit", min=1, help="evaluate at most N prompts per set and per half"),
-    layers: str = typer.Option(None, "--layers", help="layers steered, one at a time, e.g. '12' or '8,12,16' or "
-                               "'8:16' [default: the direction's layer, or the middle layer]"),
-    site: str = SiteOpt,
-    positions: str = PositionsOpt,
-    alpha: str = typer.Option("-4:4:1", "--alpha", help="alpha grid: start:stop:step (inclusive) or a list"),
-    scale: str = ScaleOpt,
-    random: int = typer.Option(0, "--random", min=0, help="random unit Gaussian control directions (seeded)"),
-    orthogonal: int = typer.Option(None, "--orthogonal", min=0, help="random control directions orthogonal to the "
-                                   "steered one [default: as many as --random]"),
-    gen_tokens: int = typer.Option(0, "--gen-tokens", min=0, help="also generate this many greedy tokens per prompt and "
-                                   "judge refusal, degeneration and coherence (slow: one generation per point)"),
-    plot: bool = typer.Option(True, "--plot/--no-plot", help="write steer.png"),
-    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
-    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
-):
+class SteerConfig(ModelOptions, RunOptions):
+    """``refusal steer``'s options."""
+
+    direction: Annotated[Optional[str], Cli("--direction", "-d")] = Field(
+        None, description="runs/extract/NAME (or NAME) or a direction file; or use --learn")
+    learn: Optional[str] = Field(None, description="learn a Refusal Dial direction from this prompt set: top-k vs "
+                                 "bottom-k prompts of one hash-split half by baseline refusal score")
+    learn_split: str = Field("all", description="split of the --learn set that is hash-split into training and "
+                             "holdout halves")
+    top_k: int = Field(30, ge=1, description="prompts on each side of the Refusal Dial contrast")
+    holdout_frac: Annotated[FiniteFloat, Field(gt=0, lt=1)] = Field(0.5, description="share of the --learn set "
+                                                                     "held out")
+    sets: str = Field("harmful,borderline", description="comma-separated evaluation sets (built-in names or files); "
+                      "the --learn set is evaluated on both halves instead")
+    split: str = Field("test", description="split of the evaluation sets (files without splits: all)")
+    limit: Optional[int] = Field(None, ge=1, description="evaluate at most N prompts per set and per half")
+    layers: Optional[str] = Field(None, description="layers steered, one at a time, e.g. '12' or '8,12,16' or "
+                                  "'8:16' [default: the direction's layer, or the middle layer]")
+    site: SteerSite = None
+    positions: SteerPositions = "post"
+    alpha: str = Field("-4:4:1", description="alpha grid: start:stop:step (inclusive) or a list")
+    scale: SteerScale = "resid"
+    random: int = Field(0, ge=0, description="random unit Gaussian control directions (seeded)")
+    orthogonal: Optional[int] = Field(None, ge=0, description="random control directions orthogonal to the steered "
+                                      "one [default: as many as --random]")
+    gen_tokens: int = Field(0, ge=0, description="also generate this many greedy tokens per prompt and judge "
+                            "refusal, degeneration and coherence (slow: one generation per point)")
+    plot: bool = Field(True, description="write steer.png")
+
+
+@command(SteerConfig)
+def steer(cfg: SteerConfig):
     """Steer with a refusal direction (activation addition x <- x + alpha * s * r_hat) over an alpha grid and
     compare it with random-direction controls; a direction learned here is also checked on held-out prompts.
 
@@ -68,24 +73,20 @@ def steer(
     summary.csv (per direction, layer, alpha, set, part), band.csv (learned direction vs the random band per
     alpha), steer.png, the learned directions (direction_L<layer>.safetensors) and run.json.
     """
-    if (direction is None) == (learn is None):
-        raise ToolkitError("give exactly one of --direction or --learn")
-    alphas = parse_alphas(alpha)
-    if scale not in SCALES:
-        raise ToolkitError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    orthogonal = random if orthogonal is None else orthogonal
-    if random < 0 or orthogonal < 0 or gen_tokens < 0 or (limit is not None and limit < 1):
-        raise ToolkitError("--random, --orthogonal and --gen-tokens must be >= 0 and --limit >= 1")
-    layer_spec = LayerSpec.parse(layers)
-    pos_spec = PositionSpec.parse(positions)
-    d = Direction.resolve(direction) if direction is not None else None
-    site = check_site(site or (d.site if d is not None and d.site else "resid_pre"))
+    if (cfg.direction is None) == (cfg.learn is None):
+        raise ToolkitError("give exactly one of `direction` or `learn`")
+    alphas = parse_alphas(cfg.alpha)
+    limit, seed, top_k, gen_tokens, random = cfg.limit, cfg.seed, cfg.top_k, cfg.gen_tokens, cfg.random
+    orthogonal = random if cfg.orthogonal is None else cfg.orthogonal
+    layer_spec = LayerSpec.parse(cfg.layers)
+    pos_spec = PositionSpec.parse(cfg.positions)
+    d = Direction.resolve(cfg.direction) if cfg.direction is not None else None
+    site = check_site(cfg.site or (d.site if d is not None and d.site else "resid_pre"))
     units: list[Unit] = []
     learn_ps = train_ps = None
-    if learn is not None:
-        lp = load_prompt_set(learn)
-        learn_ps = lp.select(learn_split)
-        mask = hash_split(learn_ps.ids, seed, 1 - holdout_frac)
+    if cfg.learn is not None:
+        learn_ps = load_prompt_set(cfg.learn).select(cfg.learn_split)
+        mask = hash_split(learn_ps.ids, seed, 1 - cfg.holdout_frac)
         train_ps = learn_ps.subset([i for i in range(len(learn_ps)) if mask[i]])
         hold_ps = learn_ps.subset([i for i in range(len(learn_ps)) if not mask[i]])
         if len(train_ps) < 2 * top_k:
@@ -94,18 +95,18 @@ def steer(
         if len(hold_ps) == 0:
             raise ToolkitError(f"the holdout half of {learn_ps.name} is empty")
         units += [Unit(train_ps.head(limit), "train"), Unit(hold_ps.head(limit), "holdout")]
-    for s in [x.strip() for x in sets.split(",") if x.strip()]:
+    for s in [x.strip() for x in cfg.sets.split(",") if x.strip()]:
         ps = load_prompt_set(s)
         if learn_ps is not None and (ps.source, ps.sha256) == (learn_ps.source, learn_ps.sha256):
             continue
-        units.append(Unit(ps.select(split).head(limit), "all"))
+        units.append(Unit(ps.select(cfg.split).head(limit), "all"))
     if not units:
         raise ToolkitError("nothing to evaluate: give --sets")
     for u, ps in zip(units, distinct_names([u.ps for u in units])):
         u.ps = ps
 
-    with Run("steer", name, force) as run:
-        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+    with Run("steer", cfg.name, cfg.force) as run:
+        ses = cfg.open_session()
         r, lm = ses.runner, ses.lm
         if d is not None:
             d.check(lm)
@@ -131,8 +132,9 @@ def steer(
         # baseline: one pass, reading the residual at the steered layers (post-instruction positions)
         t0 = time.time()
         coh_ctx = r.context(enc, 1, desc="prompt cache") if gen_tokens > 0 else None
+        measures = [*judged(ses.refusal_ids), Degeneration(), Coherence(coh_ctx)]
         with r.capture(len(allp), layer_list, [site], post) as acts:
-            base = measure(r, enc, ses.refusal_ids, gen_tokens, coherence_context=coh_ctx, desc="baseline")
+            base = evaluate(r, enc, measures, gen_tokens=gen_tokens, desc="baseline")
         a = acts[site]  # [n, n_layers, n_post, d]
         resid_norm = {l: float(a[:, li].norm(dim=-1).double().mean()) for li, l in enumerate(layer_list)}
         run.time("baseline", time.time() - t0)
@@ -143,11 +145,11 @@ def steer(
         learn_info = {}
         if d is None:
             tu = units[0]
-            train_scores, train_acts = base["score"][tu.sl], a[tu.sl, :, -1]
+            train_scores, train_acts = base.scores[tu.sl], a[tu.sl, :, -1]
             if len(tu.ps) < len(train_ps):  # --limit cut the evaluated half: learn on the whole half
                 tenc = r.encode(train_ps.prompts)
                 with r.capture(len(train_ps), layer_list, [site], [-1]) as tacts:
-                    train_scores = measure(r, tenc, ses.refusal_ids, 0, desc="training half")["score"]
+                    train_scores = evaluate(r, tenc, judged(ses.refusal_ids), desc="training half").scores
                 train_acts = tacts[site][:, :, 0]
         for li, l in enumerate(layer_list):
             if d is not None:
@@ -160,13 +162,13 @@ def steer(
                           model_id=lm.model_id, method=f"Refusal Dial: top-{top_k} minus bottom-{top_k} by refusal "
                           "score", extra={"learned_on": {"set": train_ps.name, "sha256": train_ps.sha256,
                                                          "n": len(train_ps), "split_seed": seed,
-                                                         "holdout_frac": holdout_frac}}
+                                                         "holdout_frac": cfg.holdout_frac}}
                           ).save(run.path(f"direction_L{l}.safetensors"))
             if float(v.norm()) == 0:
                 raise ToolkitError(f"the direction at layer {l} is zero")
             raw_norm[l] = float(v.norm())
             learned[l] = (v / v.norm()).float()
-        scales = {l: scale_value(scale, raw_norm[l], resid_norm[l]) for l in layer_list}
+        scales = {l: scale_value(cfg.scale, raw_norm[l], resid_norm[l]) for l in layer_list}
         rand, rand_seeds = random_directions(random, lm.d_model, seed)
         dirs = [("learned", 0, None, {l: learned[l] for l in layer_list})]
         dirs += [("random", i, rand_seeds[i], {l: rand[i] for l in layer_list}) for i in range(random)]
@@ -188,7 +190,7 @@ def steer(
         nonzero = [x for x in alphas if x != 0]
         total = len(layer_list) * len(dirs) * len(nonzero)
         rows = []
-        with sweep_bar(r, total, "steer", quiet) as bar:
+        with sweep_bar(r, total, "steer", cfg.quiet) as bar:
             for l in layer_list:
                 for kind, idx, dseed, vecs in dirs:
                     vec = vecs[l] * scales[l]
@@ -196,11 +198,12 @@ def steer(
                         if x == 0:
                             res = base
                         else:
-                            res = measure(r, enc, ses.refusal_ids, gen_tokens, vector=vec, layers=[l], alpha=x,
-                                          positions=pos, site=site, context=ctx, coherence_context=coh_ctx)
+                            steering = activation_addition(lm.model, vec, [l], alpha=x, positions=pos, site=site)
+                            res = evaluate(r, enc, measures, gen_tokens=gen_tokens, intervention=steering,
+                                           context=ctx, desc="steer")
                             bar.update(1)
                         for u in units:
-                            rows += _rows(res, u, kind, idx, dseed, l, site, positions, x, scales[l])
+                            rows += _rows(res, u, kind, idx, dseed, l, site, cfg.positions, x, scales[l])
         run.time("sweep", time.time() - t0)
         res_df = pd.DataFrame(rows)
         summary = summarise(res_df)
@@ -209,39 +212,38 @@ def steer(
         run.write_csv("results.csv", res_df)
         run.write_csv("summary.csv", summary)
         run.write_csv("band.csv", band)
-        if plot and (random or orthogonal or len(alphas) > 1):
+        if cfg.plot and (random or orthogonal or len(alphas) > 1):
             from toolkit.plots import steer_plot
 
             steer_plot(summary, band, run.path("steer.png"))
-        results = {"alphas": alphas, "layers": layer_list, "scale": {"kind": scale, "values": scales,
+        results = {"alphas": alphas, "layers": layer_list, "scale": {"kind": cfg.scale, "values": scales,
                                                                      "resid_norm": resid_norm, "raw_norm": raw_norm},
                    "monotonic": mono, "n_passes": total, "learned": learn_info,
                    "direction": d.describe() if d is not None else
                    {"source": "learned", "learn_set": learn_ps.name, "top_k": top_k, "n_train": len(train_ps)}}
         psets = [u.ps.describe() | {"part": u.part} for u in units]
         final = run.finish(model=lm.describe(), prompt_sets=psets, seed=seed,
-                           params={"direction": d.source if d is not None else None, "learn": learn, "learn_split": learn_split, "top_k": top_k,
-                                   "holdout_frac": holdout_frac, "sets": sets, "split": split, "limit": limit,
-                                   "layers": layer_list, "site": site, "positions": positions, "alpha": alpha,
-                                   "scale": scale, "random": random, "orthogonal": orthogonal,
-                                   "gen_tokens": gen_tokens, "system": system, "refusal_token_ids": ses.refusal_ids},
+                           params=cfg.params(direction=d.source if d is not None else None, layers=layer_list,
+                                             site=site, refusal_token_ids=ses.refusal_ids),
                            results=results)
     print_band(band, mono)
     console.print(f"wrote {final}")
 
 
-def _rows(res: dict, u: Unit, kind: str, idx: int, dseed, layer: int, site: str, positions: str, alpha: float,
-          scale: float) -> list[dict]:
+def _rows(res: Evaluation, u: Unit, kind: str, idx: int, dseed, layer: int, site: str, positions: str,
+          alpha: float, scale: float) -> list[dict]:
+    """One results.csv row per prompt of unit ``u`` from the evaluation of the joint encoding."""
     out_rows = []
+    col = {name: res.get(name) for name in ("refusal", "degenerate", "coherence")}
     for j, rec in enumerate(u.ps.records):
         i = u.sl.start + j
         out_rows.append({"kind": kind, "direction_index": idx, "direction_seed": dseed, "layer": layer, "site": site,
                          "positions": positions, "alpha": alpha, "scale": scale, "set": u.ps.name, "part": u.part,
-                         "id": rec["id"], "score": float(res["score"][i]),
-                         "refusal": None if res["refusal"] is None else bool(res["refusal"][i]),
-                         "degenerate": None if res["degenerate"] is None else bool(res["degenerate"][i]),
-                         "coherence": None if res["coherence"] is None else float(res["coherence"][i]),
-                         "completion": None if res["completion"] is None else res["completion"][i]})
+                         "id": rec["id"], "score": float(res.scores[i]),
+                         "refusal": None if col["refusal"] is None else bool(col["refusal"][i]),
+                         "degenerate": None if col["degenerate"] is None else bool(col["degenerate"][i]),
+                         "coherence": None if col["coherence"] is None else float(col["coherence"][i]),
+                         "completion": None if res.completions is None else res.completions[i]})
     return out_rows
 
 

@@ -1,5 +1,5 @@
 """Steering engine: alpha grids, positions, random controls, hash splits, Refusal Dial directions, the degeneration
-judge, context caches (exact against full passes), continuation log-likelihoods, and ``measure``."""
+judge, context caches (exact against full passes), continuation log-likelihoods, and steered evaluations."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch
 
 from conftest import PROMPTS, make_lm
 from toolkit.errors import ToolkitError
+from toolkit.evaluation import Coherence, Degeneration, evaluate, judged
 from toolkit.index_spec import PositionSpec
 from toolkit.interventions import activation_addition, directional_ablation
 from toolkit.runner import Runner
 from toolkit.scoring import is_degenerate, refusal_score
-from toolkit.steering import (dial_direction, direction_seed, hash_split, measure, monotone_range, parse_alphas,
+from toolkit.steering import (dial_direction, direction_seed, hash_split, monotone_range, parse_alphas,
                               random_directions, scale_value)
 from toolkit.templates import ChatFormat
 
@@ -139,8 +140,8 @@ def test_alpha_zero_leaves_logits_unchanged(tiny):
     for positions in (None, [-1], r.fmt.post_positions()):
         with activation_addition(tiny.model, v, [1], alpha=0.0, positions=positions):
             assert torch.equal(r.logits(enc), base)
-    res = measure(r, enc, [3, 4], 0, vector=v, layers=[1], alpha=0.0)
-    assert np.array_equal(res["score"], refusal_score(base, [3, 4]).numpy())
+    res = evaluate(r, enc, judged([3, 4]), intervention=activation_addition(tiny.model, v, [1], alpha=0.0))
+    assert np.array_equal(res.scores, refusal_score(base, [3, 4]).numpy())
 
 
 @pytest.mark.parametrize("start", [0, 2])
@@ -212,18 +213,19 @@ def test_continuation_logprob_matches_direct_computation(qwen):
         r.continuation_logprob(enc, conts[:2])
 
 
-def test_measure_with_generation_judges_and_scores(qwen):
+def test_evaluate_with_generation_judges_and_scores(qwen):
     lm, r = qwen
     enc = r.encode(PROMPTS[:4])
     v = torch.randn(lm.d_model)
-    res = measure(r, enc, [3], 4, vector=v, layers=[1], alpha=2.0, positions=[-1])
-    assert len(res["completion"]) == 4 and res["refusal"].dtype == bool and res["degenerate"].dtype == bool
-    assert res["coherence"].shape == (4,)
-    # the score of a generating measure equals the score of a logits pass under the same steering
+    res = evaluate(r, enc, [*judged([3]), Degeneration(), Coherence()], gen_tokens=4,
+                   intervention=activation_addition(lm.model, v, [1], alpha=2.0, positions=[-1]))
+    assert len(res.completions) == 4 and res.refusals.dtype == bool and res.get("degenerate").dtype == bool
+    assert res.get("coherence").shape == (4,)
+    # the score of a generating evaluation equals the score of a logits pass under the same steering
     with activation_addition(lm.model, v, [1], alpha=2.0, positions=[-1]):
         logits = r.logits(enc)
-    assert np.allclose(res["score"], refusal_score(logits, [3]).numpy(), atol=1e-4)
-    assert [is_degenerate(t) for t in res["completion"]] == list(res["degenerate"])
+    assert np.allclose(res.scores, refusal_score(logits, [3]).numpy(), atol=1e-4)
+    assert [is_degenerate(t) for t in res.completions] == list(res.get("degenerate"))
 
 
 def test_continuation_logprob_from_a_prompt_cache_is_exact(tiny):

@@ -3,8 +3,6 @@ directions. The distributions come from :func:`toolkit.geometry.cone_distributio
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pandas as pd
 import torch
@@ -128,8 +126,8 @@ def ablation_test(runner, refusal_ids: list[int], harmful: PromptSet, harmless: 
     Raises:
         ToolkitError: no harmful prompt of the analysed categories.
     """
+    from .evaluation import RefusalScore, evaluate
     from .interventions import subspace_ablation
-    from .scoring import kl_divergence, refusal_score
     from .steering import random_directions
 
     r, Gs = runner, harmless
@@ -140,17 +138,15 @@ def ablation_test(runner, refusal_ids: list[int], harmful: PromptSet, harmless: 
     extra, _ = random_directions(len(cats) - 1, single.shape[0], seed, orthogonal_to=single.float())
     conds = {"none": None, "single": single[None].float(), "categories": cat_dirs.float(),
              f"single+{len(cats) - 1} random": torch.cat([single[None].float(), extra.float()])}
-    base_g = None
+    score = RefusalScore(tuple(refusal_ids))
+    base_g = evaluate(r, eg, [score], desc="harmless, ablate none")
     rows = []
     for cname, vecs in conds.items():
-        ctx = contextlib.nullcontext() if vecs is None else subspace_ablation(r.model, vecs)
-        with ctx:
-            sh = refusal_score(r.logits(eh, desc=f"harmful, ablate {cname}"), refusal_ids).numpy()
-            lg = r.logits(eg, desc=f"harmless, ablate {cname}")
-        if base_g is None:
-            base_g = lg
-        sg = refusal_score(lg, refusal_ids).numpy()
-        kl = kl_divergence(base_g, lg).numpy()
+        sh = evaluate(r, eh, [score], desc=f"harmful, ablate {cname}",
+                      intervention=None if vecs is None else subspace_ablation(r.model, vecs)).scores
+        ev_g = evaluate(r, eg, [score], desc=f"harmless, ablate {cname}",
+                        intervention=subspace_ablation(r.model, vecs)) if vecs is not None else base_g
+        sg, kl = ev_g.scores, ev_g.kl_from(base_g)
         dim = 0 if vecs is None else int(min(len(vecs), vecs.shape[0]))
         cat_of = np.array([rec["category"] for rec in Hs.records])
         for c in cats + ["all harmful"]:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from .cache import cache_root, file_sha256
-from .default_model import DEFAULT_GGUF_SHA256, DEFAULT_MODEL_ALIAS, DEFAULT_MODEL_NAME, assemble_default_gguf
+from .default_model import DEFAULT_GGUF_SHA256, DEFAULT_MODEL_ALIAS, assemble_default_gguf
 from .errors import ToolkitError
 from .fileio import atomic_dir, atomic_write_text
 

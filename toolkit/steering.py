@@ -16,7 +16,6 @@ Controls (the Refusal Dial's and OBLITERATUS's protocols, see ``REFERENCE.md``):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from collections.abc import Sequence
@@ -210,44 +209,3 @@ def monotone_range(alphas: Sequence[float], values: Sequence[float]) -> tuple[fl
     while hi < len(a) - 1 and v[hi + 1] >= v[hi]:
         hi += 1
     return float(a[lo]), float(a[hi])
-
-
-# ------------------------------------------------------------------------------------------------ measuring
-def measure(runner, enc, refusal_ids: list[int], gen_tokens: int = 0, *, vector: torch.Tensor | None = None,
-            layers: Sequence[int] = (), alpha: float = 0.0, positions: Sequence[int] | None = None,
-            site: str = "resid_pre", context=None, coherence_context=None,
-            desc: str = "steer") -> dict:
-    """Measure prompts under activation addition ``x <- x + alpha * vector`` (none when ``alpha == 0`` or no vector).
-
-    Per prompt: the logit refusal score (one forward pass, reusing ``context`` when given); with
-    ``gen_tokens > 0`` also the greedy completion, its marker-judge refusal verdict, the degeneration verdict
-    (:func:`toolkit.scoring.is_degenerate`) and its coherence: the *unsteered* model's mean log-likelihood of the
-    completion given the prompt (nats/token; :meth:`toolkit.runner.Runner.continuation_logprob`), which does not
-    depend on whether the text refuses.
-
-    Args:
-        runner: a :class:`toolkit.runner.Runner`.
-        enc: encoded prompts (``Runner.encode``).
-        vector: ``[d_model]`` vector added (already multiplied by its scale), or None.
-        layers, alpha, positions, site: as :func:`toolkit.interventions.activation_addition`.
-        context: a :class:`toolkit.runner.Context` for ``enc`` (score-only passes, position-addressed steering).
-        coherence_context: a ``k = 1`` context for ``enc`` (``Runner.context(enc, 1)``) that makes the coherence
-            pass compute only the completion's tokens.
-
-    Returns:
-        ``{"score": [n] float, "refusal": [n] bool | None, "degenerate": [n] bool | None, "coherence": [n] float
-        | None, "completion": list[str] | None, "tokens": generated token ids per prompt | None}``.
-
-    Raises:
-        ToolkitError: from the runner or the intervention (bad positions, sites, layers).
-    """
-    from .evaluation import Coherence, Degeneration, evaluate, judged
-    from .interventions import activation_addition
-
-    steer = activation_addition(runner.model, vector, list(layers), alpha=alpha, positions=positions, site=site) \
-        if vector is not None and alpha != 0 else None
-    ev = evaluate(runner, enc, [*judged(refusal_ids), Degeneration(), Coherence(coherence_context)],
-                  gen_tokens=gen_tokens, intervention=steer, context=context if positions is not None else None,
-                  desc=desc)
-    return {"score": ev.scores, "refusal": ev.get("refusal"), "degenerate": ev.get("degenerate"),
-            "coherence": ev.get("coherence"), "completion": ev.completions, "tokens": ev.tokens}
