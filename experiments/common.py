@@ -51,7 +51,7 @@ ScaleOpt = typer.Option("resid", "--scale", help="s in x + alpha*s*r_hat: unit (
                         "norm) or resid (mean residual norm at that layer over post-instruction tokens)")
 
 #: engine parameter -> command-line flag where the flag is not ``--`` + the name with ``_`` as ``-``
-PARAM_FLAGS = {"filter_by": "--filter"}
+PARAM_FLAGS = {"filter_by": "--filter", "max_pairs": "--pairs"}
 
 
 def flag_of(param: str) -> str:

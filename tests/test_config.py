@@ -327,5 +327,5 @@ def test_device_map_option_places_the_model_and_is_recorded(env):
     a = (env / "score" / "plain" / "scores.csv").read_text()
     assert a == (env / "score" / "placed" / "scores.csv").read_text()
     for bad in ("everywhere", "{not json", "[1]"):
-        assert_usage_error(invoke(common + ["--name", "bad", "--device-map", bad]), "device map")
+        assert_usage_error(invoke(common + ["--name", "bad", "--device-map", bad]), "--device-map: ", bad)
     assert not (env / "score" / "bad").exists()

@@ -61,7 +61,7 @@ def test_pairing_takes_nearest_unused_length_in_file_order():
         pair_by_length([5, 6], [7, 8])
     with pytest.raises(ToolkitError, match="empty"):
         pair_by_length([], [5])
-    with pytest.raises(ToolkitError, match="max-len-diff"):
+    with pytest.raises(ToolkitError, match="max_len_diff: must be >= 0"):
         pair_by_length([5], [5], max_len_diff=-1)
 
 

@@ -315,7 +315,7 @@ def hooked(model: nn.Module, specs: list[tuple], *, write: bool = True, reach: R
     try:
         for site, layer, fn, *own in specs:
             handles.append(add_hook(model, site, layer, fn, write=own[0] if own else write))
-            layers.append(check_layer(model, layer))
+            layers.append(layer % len(decoder_layers(model)))  # add_hook checked it
         reg = _Registration(id(model), tuple(layers), reach)
         _ACTIVE.set(_ACTIVE.get() + (reg,))
         yield

@@ -325,13 +325,13 @@ def check_device_map(device_map):
         try:
             device_map = json.loads(device_map)
         except ValueError:
-            raise ToolkitError(f"device map {device_map!r} is not a JSON object") from None
+            raise ToolkitError(f"{device_map!r} is not a JSON object", param="device_map") from None
     if device_map is None or device_map in DEVICE_MAP_STRATEGIES:
         return device_map
     if isinstance(device_map, dict) and device_map and all(isinstance(k, str) for k in device_map):
         return dict(device_map)
-    raise ToolkitError(f"device map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a {{module: device}} "
-                       f"mapping, got {device_map!r}")
+    raise ToolkitError(f"a device map is one of {', '.join(DEVICE_MAP_STRATEGIES)} or a {{module: device}} "
+                       f"mapping, got {device_map!r}", param="device_map")
 
 
 def place_layers(model, device_map: dict) -> None:

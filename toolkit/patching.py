@@ -174,9 +174,9 @@ def pair_by_length(harmful_lens: Sequence[int], harmless_lens: Sequence[int], ma
     if not harmful_lens or not harmless_lens:
         raise ToolkitError("cannot pair prompts: the harmful or the harmless set is empty")
     if max_len_diff < 0:
-        raise ToolkitError(f"--max-len-diff must be >= 0, got {max_len_diff}")
+        raise ToolkitError(f"must be >= 0, got {max_len_diff}", param="max_len_diff")
     if max_pairs is not None and max_pairs < 1:
-        raise ToolkitError(f"--pairs must be >= 1, got {max_pairs}")
+        raise ToolkitError(f"must be >= 1, got {max_pairs}", param="max_pairs")
     free = {j: int(n) for j, n in enumerate(harmless_lens)}
     pairs, dropped = [], 0
     for i, n in enumerate(harmful_lens):
@@ -191,7 +191,7 @@ def pair_by_length(harmful_lens: Sequence[int], harmless_lens: Sequence[int], ma
         raise ToolkitError(
             f"no harmful prompt has a harmless partner within {max_len_diff} token(s) of its length (harmful "
             f"{min(harmful_lens)}-{max(harmful_lens)} tokens, harmless {min(harmless_lens)}-{max(harmless_lens)}); "
-            "raise --max-len-diff or use other prompts")
+            "raise `max_len_diff` or use other prompts")
     return pairs, dropped
 
 
@@ -229,10 +229,10 @@ def parse_sites(text: str) -> list[str]:
     """
     sites = list(dict.fromkeys(s.strip() for s in (text or "").split(",") if s.strip()))
     if not sites:
-        raise ToolkitError("--sites names no site")
+        raise ToolkitError("names no site", param="sites")
     for s in sites:
         if s not in SITES:
-            raise ToolkitError(f"unknown hook site {s!r}; choose from {', '.join(SITES)} (heads: --heads)")
+            raise ToolkitError(f"unknown hook site {s!r}; choose from {', '.join(SITES)} (heads: `heads`)")
     return sites
 
 

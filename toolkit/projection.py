@@ -127,7 +127,7 @@ def pacmap_neighbors(n_points: int, requested: int = PACMAP_NEIGHBORS) -> int:
         raise ToolkitError(f"PaCMAP needs at least 1 neighbour, got {requested}")
     if n_points < PACMAP_MIN_POINTS:
         raise ToolkitError(f"PaCMAP needs at least {PACMAP_MIN_POINTS} points per layer, got {n_points}; "
-                           "use more prompts or --method pca")
+                           "use more prompts or `method` pca")
     k = requested
     while k > 1 and sum(pacmap_pairs(k)) >= n_points:
         k -= 1
@@ -330,7 +330,7 @@ def project_layers(acts, groups, layers: Sequence[int], method: str = "pacmap", 
     need = min_points(method)
     if a.shape[0] < need:
         raise ToolkitError(f"{method} needs at least {need} points per layer, got {a.shape[0]}"
-                           + ("; use more prompts or --method pca" if method == "pacmap" else ""))
+                           + ("; use more prompts or `method` pca" if method == "pacmap" else ""))
     with single_threaded():
         return _project(a, g, layers, method, seed, n_neighbors, progress)
 
