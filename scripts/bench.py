@@ -54,7 +54,7 @@ def passes(lm, n: int, batch_size: int, gen_tokens: int):
     def hf_hidden(p):
         enc = full.encode(p)
         with torch.inference_mode():
-            for b, cache in full._iterate(enc, "hf"):
+            for b, cache, _ in full._iterate(enc, "hf"):
                 lm.model(**full._inputs(enc, b, cache), output_hidden_states=True, logits_to_keep=1)
 
     def steered(p, use_ctx: bool):
