@@ -26,7 +26,7 @@ from toolkit.stats import (CORRECTIONS, adjust_pvalues, aggregate_seeds, as_floa
                            paired_ttest, random_control, welch_ttest)
 
 from .common import console, out
-from .config import NOT_COMPARED, Cli, RunOptions, command
+from .config import NOT_COMPARED, Cli, Invalid, RunOptions, command
 
 stats_app = typer.Typer(
     help="Statistics on finished runs: aggregate seeds, test two conditions prompt by prompt, compare a learned "
@@ -37,7 +37,8 @@ stats_app = typer.Typer(
 # Per-prompt columns that are measurements, not design factors (never suggested as --where filters).
 MEASURES = ("score", "refusal", "kl", "completion", "degenerate", "coherence")
 # Columns read as text whatever they hold (ids such as "007" or "NA" stay as written).
-Correction = Literal[tuple(CORRECTIONS)]
+# refused in the words the commands used before the configs
+Correction = Annotated[Literal[tuple(CORRECTIONS)], Invalid("unknown correction {value!r}: use one of {choices}")]
 CORRECTION_HELP = ("multiple-comparison correction: holm (family-wise), bh (Benjamini-Hochberg false discovery rate) "
                    "or none")
 
