@@ -90,16 +90,19 @@ class Cli:
             bool that defaults to True).
         argument: a positional argument instead of an option (``flags`` is then unused).
         env: read ``REFUSAL_<FIELD>`` for this field (False where that variable means something else).
+        metavar: the name ``--help`` shows for an argument (``RUN...``) [default: the field's name in capitals].
     """
 
     flags: tuple[str, ...] = ()
     argument: bool = False
     env: bool = True
+    metavar: str | None = None
 
-    def __init__(self, *flags: str, argument: bool = False, env: bool = True):
+    def __init__(self, *flags: str, argument: bool = False, env: bool = True, metavar: str | None = None):
         object.__setattr__(self, "flags", flags)
         object.__setattr__(self, "argument", argument)
         object.__setattr__(self, "env", env)
+        object.__setattr__(self, "metavar", metavar)
 
 
 @dataclass(frozen=True)
@@ -365,7 +368,7 @@ def parameter(name: str, field: FieldInfo) -> inspect.Parameter:
     cli = cli_of(field)
     default = ... if field.is_required() else field.default
     if cli.argument:
-        info = typer.Argument(default, help=_help(field), show_default=False)
+        info = typer.Argument(default, help=_help(field), show_default=False, metavar=cli.metavar)
     else:
         flags = cli.flags or (("--{0}/--no-{0}" if field.annotation is bool and default is True else "--{0}")
                               .format(name.replace("_", "-")),)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import time
 
+from typing import Annotated, Literal, Optional
+
 import pandas as pd
-import typer
+from pydantic import Field
 
 from toolkit.directions import DirectionSet
 from toolkit.errors import ToolkitError
@@ -16,38 +18,43 @@ from toolkit.runs import Run
 from toolkit.selection import SelectionConfig, build_candidates, select_direction
 from toolkit.stats import rate_ci
 
-from .common import (BatchOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, NameOpt, QuietOpt, SeedOpt, SystemOpt,
-                     console, finite, handle_errors, open_session, out)
+from .common import console, out
+from .config import FiniteFloat, ModelOptions, RunOptions, command
 
 
-@handle_errors
-def extract(
-    harmful: str = typer.Option("harmful", "--harmful", help="harmful prompt set (its train and val splits; a file "
-                                "without splits is used whole for both)"),
-    harmless: str = typer.Option("harmless", "--harmless", help="harmless prompt set (train and val splits; a file "
-                                 "without splits: whole)"),
-    n_train: int = typer.Option(None, "--n-train", min=1, help="use at most N training prompts per set"),
-    n_val: int = typer.Option(None, "--n-val", min=1, help="use at most N validation prompts per set"),
-    filter_by: str = typer.Option("judge", "--filter", help="training filter: judge (harmful prompts the model "
-                                  "refuses by marker judge), score (refusal score > 0, Arditi), none"),
-    select_by: str = typer.Option("judge", "--select-by", help="judge (marker judge on short completions "
-                                  "among the best survivors) or score (lowest bypass score, Arditi)"),
-    screen_n: int = typer.Option(6, "--screen-n", min=1, help="refused harmful val prompts used to screen candidates"),
-    keep: int = typer.Option(3, "--keep", min=1, help="stop the full evaluation once this many candidates pass KL"),
-    max_full: int = typer.Option(12, "--max-full", min=1, help="most candidates given the full evaluation"),
-    judge_top: int = typer.Option(3, "--judge-top", min=1, help="survivors ranked by the marker judge"),
-    judge_tokens: int = typer.Option(12, "--judge-tokens", min=1, help="greedy tokens judged per completion"),
-    layers: str = typer.Option(None, "--layers", help="restrict candidates to these layers, e.g. '8,10,12' or '6:18'"),
-    positions: str = typer.Option(None, "--positions", help="restrict candidates to these post-instruction "
-                                  "positions, e.g. '-1,-2' or post [default: post]"),
-    max_layer_frac: float = typer.Option(0.8, "--max-layer-frac", callback=finite(gt=0, le=1), help="skip layers >= this fraction of depth"),
-    kl_max: float = typer.Option(0.15, "--kl-max", callback=finite(gt=0), help="discard candidates with mean harmless KL above this "
-                                 "(nats; Arditi et al. use 0.1)"),
-    induce_min: str = typer.Option("auto", "--induce-min", help="discard candidates with induce below this; "
-                                   "'auto' = 0 (Arditi) relaxed to the harmless baseline score if nothing passes"),
-    model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, batch_size: int = BatchOpt,
-    system: str = SystemOpt, name: str = NameOpt, force: bool = ForceOpt, seed: int = SeedOpt, quiet: bool = QuietOpt,
-):
+class ExtractConfig(ModelOptions, RunOptions):
+    """The options of ``refusal extract``."""
+
+    harmful: str = Field("harmful", description="harmful prompt set (its train and val splits; a file without splits "
+                         "is used whole for both)")
+    harmless: str = Field("harmless", description="harmless prompt set (train and val splits; a file without splits: "
+                          "whole)")
+    n_train: Optional[int] = Field(None, ge=1, description="use at most N training prompts per set")
+    n_val: Optional[int] = Field(None, ge=1, description="use at most N validation prompts per set")
+    filter: Literal["judge", "score", "none"] = Field(
+        "judge", description="training filter: judge (harmful prompts the model refuses by marker judge), score "
+        "(refusal score > 0, Arditi), none")
+    select_by: Literal["judge", "score"] = Field(
+        "judge", description="judge (marker judge on short completions among the best survivors) or score (lowest "
+        "bypass score, Arditi)")
+    screen_n: int = Field(6, ge=1, description="refused harmful val prompts used to screen candidates")
+    keep: int = Field(3, ge=1, description="stop the full evaluation once this many candidates pass KL")
+    max_full: int = Field(12, ge=1, description="most candidates given the full evaluation")
+    judge_top: int = Field(3, ge=1, description="survivors ranked by the marker judge")
+    judge_tokens: int = Field(12, ge=1, description="greedy tokens judged per completion")
+    layers: Optional[str] = Field(None, description="restrict candidates to these layers, e.g. '8,10,12' or '6:18'")
+    positions: Optional[str] = Field(None, description="restrict candidates to these post-instruction positions, "
+                                     "e.g. '-1,-2' or post [default: post]")
+    max_layer_frac: Annotated[FiniteFloat, Field(gt=0, le=1)] = Field(
+        0.8, description="skip layers >= this fraction of depth")
+    kl_max: Annotated[FiniteFloat, Field(gt=0)] = Field(
+        0.15, description="discard candidates with mean harmless KL above this (nats; Arditi et al. use 0.1)")
+    induce_min: str = Field("auto", description="discard candidates with induce below this; 'auto' = 0 (Arditi) "
+                            "relaxed to the harmless baseline score if nothing passes")
+
+
+@command(ExtractConfig)
+def extract(cfg: ExtractConfig):
     """Extract the refusal direction (Arditi et al. 2024): difference-in-means at every layer x post-instruction
     position from filtered training prompts, then a staged selection on the validation split.
 
@@ -55,39 +62,39 @@ def extract(
     candidate: how far it got, why it stopped, its measures), direction.safetensors (the chosen raw direction and
     its metadata) and run.json.
     """
-    cfg = SelectionConfig(max_layer_frac=max_layer_frac, kl_max=kl_max, screen_n=screen_n, keep=keep, max_full=max_full,
-                          judge_top=judge_top, judge_tokens=judge_tokens, select_by=select_by)
-    cfg.check()
-    if induce_min != "auto":
+    sel_cfg = SelectionConfig(max_layer_frac=cfg.max_layer_frac, kl_max=cfg.kl_max, screen_n=cfg.screen_n,
+                              keep=cfg.keep, max_full=cfg.max_full, judge_top=cfg.judge_top,
+                              judge_tokens=cfg.judge_tokens, select_by=cfg.select_by)
+    if cfg.induce_min != "auto":
         try:
-            cfg.induce_min = float(induce_min)
+            sel_cfg.induce_min = float(cfg.induce_min)
         except ValueError:
-            raise ToolkitError(f"must be a number or 'auto', got {induce_min!r}", param="induce_min") from None
-        if not math.isfinite(cfg.induce_min):
-            raise ToolkitError(f"must be a finite number or 'auto', got {induce_min!r}", param="induce_min")
-    layer_spec = LayerSpec.parse(layers)
-    pos_spec = PositionSpec.parse(positions, allow_all=False)
-    H, B = distinct_names([load_prompt_set(harmful), load_prompt_set(harmless)])
-    h_train, b_train = H.select("train").head(n_train), B.select("train").head(n_train)
-    h_val, b_val = H.select("val").head(n_val), B.select("val").head(n_val)
+            raise ToolkitError(f"must be a number or 'auto', got {cfg.induce_min!r}", param="induce_min") from None
+        if not math.isfinite(sel_cfg.induce_min):
+            raise ToolkitError(f"must be a finite number or 'auto', got {cfg.induce_min!r}", param="induce_min")
+    layer_spec = LayerSpec.parse(cfg.layers)
+    pos_spec = PositionSpec.parse(cfg.positions, allow_all=False)
+    H, B = distinct_names([load_prompt_set(cfg.harmful), load_prompt_set(cfg.harmless)])
+    h_train, b_train = H.select("train").head(cfg.n_train), B.select("train").head(cfg.n_train)
+    h_val, b_val = H.select("val").head(cfg.n_val), B.select("val").head(cfg.n_val)
     overlap = [ps.name for ps in (H, B) if not ps.has_splits]
     if overlap:
         console.print(f"note: {', '.join(overlap)} has no splits, so its training and validation prompts are the "
                       "same file (selection is then judged on the prompts the directions came from)")
-    with Run("extract", name, force) as run:
-        ses = open_session(model, dtype, device, batch_size, system, quiet, seed)
+    with Run("extract", cfg.name, cfg.force) as run:
+        ses = cfg.open_session()
         r = ses.runner
         lay = layer_spec.resolve(ses.lm.n_layers)
         pos = pos_spec.resolve(ses.fmt.post_positions())
         t0 = time.time()
         cands = build_candidates(r, r.encode(h_train.prompts), r.encode(b_train.prompts), ses.refusal_ids,
-                                 filter_by=filter_by, judge_tokens=judge_tokens, layers=lay, positions=pos)
+                                 filter_by=cfg.filter, judge_tokens=cfg.judge_tokens, layers=lay, positions=pos)
         run.time("candidates", time.time() - t0)
         console.print(f"training prompts kept by the filter: harmful {len(cands.harmful_kept)}/{len(h_train)}, "
                       f"harmless {len(cands.harmless_kept)}/{len(b_train)}")
         t0 = time.time()
         sel = select_direction(r, cands.dirs, cands.layers, cands.positions, r.encode(h_val.prompts),
-                               r.encode(b_val.prompts), ses.refusal_ids, cfg, log=console.print)
+                               r.encode(b_val.prompts), ses.refusal_ids, sel_cfg, log=console.print)
         run.time("selection", time.time() - t0)
         run.write_csv("selection.csv", sel.table)
         if sel.chosen is None:
@@ -132,9 +139,9 @@ def extract(
                    "train_kept": {"harmful": len(cands.harmful_kept), "harmless": len(cands.harmless_kept),
                                   "harmful_total": len(h_train), "harmless_total": len(b_train)}}
         final = run.finish(model=ses.lm.describe(), prompt_sets=[p.describe() for p in (h_train, b_train, h_val, b_val)],
-                           seed=seed, params={"filter": filter_by, **cfg.__dict__, "n_train": n_train, "n_val": n_val,
-                                              "layers": list(cands.layers), "positions": list(cands.positions),
-                                              "system": system, "refusal_token_ids": ses.refusal_ids},
+                           seed=cfg.seed, params=cfg.params(induce_min=sel_cfg.induce_min, layers=list(cands.layers),
+                                                            positions=list(cands.positions),
+                                                            refusal_token_ids=ses.refusal_ids),
                            results=results)
     c = results["chosen"]
     out.print(f"chosen direction: layer {layer}, position {pos}, norm {c['norm']:.2f}; val bypass score "

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Annotated, Optional
 
 import numpy as np
 import pandas as pd
 import torch
-import typer
+from pydantic import Field
 from rich.table import Table
 
 from toolkit.directions import DirectionSet
@@ -17,7 +18,8 @@ from toolkit.errors import ToolkitError
 from toolkit.geometry import IMPRINT_FIGURES, contrast_layers, imprint
 from toolkit.runs import Run
 
-from .common import ForceOpt, NameOpt, console, handle_errors, out
+from .common import console, out
+from .config import Cli, RunOptions, command
 
 #: Hand-set templates for the optional training-method heuristic (--classify): per method, the mean and spread
 #: of each figure. ILLUSTRATIVE VALUES CHOSEN BY HAND FOR THIS TOOLKIT, NOT FITTED TO OR VALIDATED ON ANY MODEL
@@ -73,18 +75,22 @@ def _templates(path: Path | None) -> dict:
     return tpls
 
 
-@handle_errors
-def imprint_cmd(
-    runs: list[str] = typer.Argument(..., metavar="RUN...", help="cones, geometry or extract run folders, "
-                                     "e.g. runs/cones/NAME"),
-    position: int = typer.Option(None, "--position", help="post-instruction position of an extract run's candidates "
-                                 "[default: the run's chosen position]"),
-    classify_: bool = typer.Option(False, "--classify", help="also print training-method probabilities from "
-                                   "hand-set templates: an UNVALIDATED heuristic, off by default"),
-    templates: Path = typer.Option(None, "--templates", help="JSON {method: {figure: [mean, sd]}} for --classify"),
-    plot: bool = typer.Option(True, "--plot/--no-plot", help="write imprint.png"),
-    name: str = NameOpt, force: bool = ForceOpt,
-):
+class ImprintConfig(RunOptions):
+    """The options of ``refusal imprint``."""
+
+    # not from $REFUSAL_RUNS: that variable names the runs folder
+    runs: Annotated[list[str], Cli(argument=True, env=False, metavar="RUN...")] = Field(
+        ..., description="cones, geometry or extract run folders, e.g. runs/cones/NAME")
+    position: Optional[int] = Field(None, description="post-instruction position of an extract run's candidates "
+                                    "[default: the run's chosen position]")
+    classify: bool = Field(False, description="also print training-method probabilities from hand-set templates: an "
+                           "UNVALIDATED heuristic, off by default")
+    templates: Optional[Path] = Field(None, description="JSON {method: {figure: [mean, sd]}} for --classify")
+    plot: bool = Field(True, description="write imprint.png")
+
+
+@command(ImprintConfig)
+def imprint_cmd(cfg: ImprintConfig):
     """Alignment imprint (OBLITERATUS's figures): per-layer refusal directions summarised by the Gini
     coefficient of their strengths, effective rank, spectral decay, adjacent-layer smoothness, tail-layer share,
     orthogonality and cumulative angular drift, for one or more runs side by side (the main use is comparing
@@ -93,8 +99,8 @@ def imprint_cmd(
     Writes runs/imprint/NAME/ with imprint.csv (one row per run), layers.csv (per run and layer), imprint.png and
     run.json.
     """
-    tpl = _templates(templates) if classify_ else None
-    infos = [DirectionSet.resolve(p, position) for p in runs]
+    tpl = _templates(cfg.templates) if cfg.classify else None
+    infos = [DirectionSet.resolve(p, cfg.position) for p in cfg.runs]
     names = [i.source for i in infos]
     if len(set(names)) != len(names):
         raise ToolkitError("the same run is given twice")
@@ -127,16 +133,15 @@ def imprint_cmd(
     if len(cross):
         ldf = ldf.merge(cross, on=["run", "layer"], how="left")
     df = pd.DataFrame(rows)
-    with Run("imprint", name, force) as run:
+    with Run("imprint", cfg.name, cfg.force) as run:
         run.write_csv("imprint.csv", df)
         run.write_csv("layers.csv", ldf)
-        if plot:
+        if cfg.plot:
             from toolkit.plots import imprint_plot
 
             imprint_plot(ldf, run.path("imprint.png"))
         final = run.finish(model=None, prompt_sets=[], seed=None,
-                           params={"runs": [str(p) for p in runs], "position": position, "classify": classify_,
-                                   "templates": tpl},
+                           params=cfg.params(templates=tpl),
                            results={"imprint": df.to_dict("records"), "notes": notes,
                                     "definitions": IMPRINT_FIGURES})
     for n in notes:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import pandas as pd
 import typer
+from pydantic import Field
 from rich.markup import escape
 from rich.table import Table
 
@@ -23,8 +25,8 @@ from toolkit.runs import TEXT_COLUMNS, Run, load_run, read_run_table
 from toolkit.stats import (CORRECTIONS, adjust_pvalues, aggregate_seeds, as_float, mcnemar_exact, normalize_key,
                            paired_ttest, random_control, welch_ttest)
 
-from .common import ForceOpt, NameOpt, console, handle_errors, out
-from .config import NOT_COMPARED
+from .common import console, out
+from .config import NOT_COMPARED, Cli, Invalid, RunOptions, command
 
 stats_app = typer.Typer(
     help="Statistics on finished runs: aggregate seeds, test two conditions prompt by prompt, compare a learned "
@@ -35,8 +37,10 @@ stats_app = typer.Typer(
 # Per-prompt columns that are measurements, not design factors (never suggested as --where filters).
 MEASURES = ("score", "refusal", "kl", "completion", "degenerate", "coherence")
 # Columns read as text whatever they hold (ids such as "007" or "NA" stay as written).
-CorrectionOpt = typer.Option("holm", "--correction", help="multiple-comparison correction: holm (family-wise), "
-                             "bh (Benjamini-Hochberg false discovery rate) or none")
+# refused in the words the commands used before the configs
+Correction = Annotated[Literal[tuple(CORRECTIONS)], Invalid("unknown correction {value!r}: use one of {choices}")]
+CORRECTION_HELP = ("multiple-comparison correction: holm (family-wise), bh (Benjamini-Hochberg false discovery rate) "
+                   "or none")
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -129,16 +133,20 @@ def seed_columns(df: pd.DataFrame, keys: list[str] | None) -> tuple[list[str], l
     return keys, metrics
 
 
+class SeedsConfig(RunOptions):
+    """The options of ``refusal stats seeds``."""
+
+    # not from $REFUSAL_RUNS: that variable names the runs folder
+    runs: Annotated[list[str], Cli(argument=True, env=False)] = Field(
+        ..., description="two or more runs of the same command that differ only in seed")
+    file: str = Field("summary.csv", description="table aggregated in each run (e.g. summary.csv or results.csv)")
+    keys: Optional[str] = Field(None, description="comma-separated columns identifying a row across runs [default: "
+                                "the text columns plus alpha, layer, direction_index, part]")
+
+
 @stats_app.command("seeds")
-@handle_errors
-def seeds(
-    runs: list[str] = typer.Argument(..., help="two or more runs of the same command that differ only in seed"),
-    file: str = typer.Option("summary.csv", "--file", help="table aggregated in each run (e.g. summary.csv or "
-                             "results.csv)"),
-    keys: str = typer.Option(None, "--keys", help="comma-separated columns identifying a row across runs "
-                             "[default: the text columns plus alpha, layer, direction_index, part]"),
-    name: str = NameOpt, force: bool = ForceOpt,
-):
+@command(SeedsConfig)
+def seeds(cfg: SeedsConfig):
     """Aggregate one experiment over seeds: mean, SD and 95 % t interval per row and metric.
 
     Rows are matched across runs on the key columns; per row and metric the output gives the number of seeds, the
@@ -147,9 +155,9 @@ def seeds(
     (:data:`experiments.config.NOT_COMPARED`: model, dtype, device, name, force, quiet). Rows missing from any run
     are dropped (and counted). Writes runs/stats/NAME/seeds.csv and run.json.
     """
-    if len(runs) < 2:
-        raise ToolkitError(f"need at least 2 runs to aggregate over seeds, got {len(runs)}")
-    loaded = [load_run(r) for r in runs]
+    if len(cfg.runs) < 2:
+        raise ToolkitError(f"need at least 2 runs to aggregate over seeds, got {len(cfg.runs)}")
+    loaded = [load_run(r) for r in cfg.runs]
     metas = [m for _, m in loaded]
     first = metas[0]
     for (folder, m) in loaded[1:]:
@@ -177,6 +185,7 @@ def seeds(
         if h0 and h and h0 != h:
             raise ToolkitError(f"runs {loaded[0][0]} and {folder} use different models (hash {h0[:12]} vs "
                                f"{h[:12]})")
+    file = cfg.file
     if Path(file).name != file:
         raise ToolkitError(f"--file must be a file name inside the runs, got {file!r}")
     frames = []
@@ -184,7 +193,7 @@ def seeds(
         if not (folder / file).is_file():
             raise ToolkitError(f"run {folder} has no {file}")
         frames.append(read_run_table(folder / file))
-    key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
+    key_list = [k.strip() for k in cfg.keys.split(",") if k.strip()] if cfg.keys else None
     if key_list is not None:
         missing = [k for k in key_list if k not in frames[0].columns]
         if missing:
@@ -195,11 +204,11 @@ def seeds(
         raise ToolkitError(f"{file} has no numeric metric columns to aggregate")
     table = aggregate_seeds(frames, key_list, metrics)
     dropped = table.attrs.get("n_dropped", 0)
-    with Run("stats", name, force) as run:
+    with Run("stats", cfg.name, cfg.force) as run:
         run.write_csv("seeds.csv", table)
         final = run.finish(model=_common_model(metas), prompt_sets=_prompt_sets(metas), seed=None,
-                           params={"command": "seeds", "runs": [str(f) for f, _ in loaded], "file": file,
-                                   "keys": key_list, "metrics": metrics},
+                           params=cfg.params(command="seeds", runs=[str(f) for f, _ in loaded], keys=key_list,
+                                             metrics=metrics),
                            results={"source_command": first.get("command"), "n_runs": len(loaded),
                                     "seeds": [m.get("seed") for m in metas], "rows": len(table),
                                     "n_dropped": dropped, "sources": [_source(f, m) for f, m in loaded]})
@@ -279,23 +288,28 @@ def _describe(side: dict) -> str:
     return side["label"].rsplit(" (", 1)[0] + (f" where {conds}" if conds else "")
 
 
+class TtestConfig(RunOptions):
+    """The options of ``refusal stats ttest``."""
+
+    run_a: Annotated[str, Cli(argument=True, metavar="RUN_A")] = Field(
+        ..., description="run folder (or its run.json) of side A")
+    run_b: Annotated[Optional[str], Cli(argument=True, metavar="[RUN_B]")] = Field(
+        None, description="run of side B [default: RUN_A, to compare two conditions of one run with "
+        "--where-a/--where-b]")
+    metric: str = Field("score", description="per-prompt column compared: numeric (t-test) or boolean such as "
+                        "refusal (exact McNemar)")
+    where_a: list[str] = Field([], description="keep rows of A with column=value (repeatable; numbers compare by "
+                               "value, alpha=2 matches 2.0)")
+    where_b: list[str] = Field([], description="keep rows of B with column=value (repeatable)")
+    set: Optional[str] = Field(None, description="only prompts of this set")
+    welch: bool = Field(False, description="unpaired Welch t-test instead of pairing prompts")
+    by: Optional[str] = Field(None, description="one test per value of this column, p-values adjusted")
+    correction: Correction = Field("holm", description=CORRECTION_HELP)
+
+
 @stats_app.command("ttest")
-@handle_errors
-def ttest(
-    run_a: str = typer.Argument(..., metavar="RUN_A", help="run folder (or its run.json) of side A"),
-    run_b: str = typer.Argument(None, metavar="[RUN_B]", help="run of side B [default: RUN_A, to compare two "
-                                "conditions of one run with --where-a/--where-b]"),
-    metric: str = typer.Option("score", "--metric", help="per-prompt column compared: numeric (t-test) or "
-                               "boolean such as refusal (exact McNemar)"),
-    where_a: list[str] = typer.Option(None, "--where-a", help="keep rows of A with column=value (repeatable; "
-                                      "numbers compare by value, alpha=2 matches 2.0)"),
-    where_b: list[str] = typer.Option(None, "--where-b", help="keep rows of B with column=value (repeatable)"),
-    set_name: str = typer.Option(None, "--set", help="only prompts of this set"),
-    welch: bool = typer.Option(False, "--welch", help="unpaired Welch t-test instead of pairing prompts"),
-    by: str = typer.Option(None, "--by", help="one test per value of this column, p-values adjusted"),
-    correction: str = CorrectionOpt,
-    name: str = NameOpt, force: bool = ForceOpt,
-):
+@command(TtestConfig)
+def ttest(cfg: TtestConfig):
     """Compare a per-prompt metric between two runs, or two conditions of one run.
 
     Prompts are matched on (set, id) (and the --by column): a paired t-test (effect size d_z) for a numeric
@@ -303,15 +317,14 @@ def ttest(
     With --by, one test per value and p-values adjusted with --correction. Writes runs/stats/NAME/ttest.csv and
     run.json.
     """
-    if correction not in CORRECTIONS:
-        raise ToolkitError(f"unknown --correction {correction!r}: use one of {', '.join(CORRECTIONS)}")
+    run_a, run_b, metric, by, set_name, welch = cfg.run_a, cfg.run_b, cfg.metric, cfg.by, cfg.set, cfg.welch
     folder_a, meta_a = load_run(run_a)
     folder_b, meta_b = load_run(run_b) if run_b else (folder_a, meta_a)
     table_a, file_a = prompt_table(folder_a)
     table_b, file_b = (table_a, file_a) if run_b is None else prompt_table(folder_b)
     sides = []
-    for side, folder, meta, table, fname, where in (("a", folder_a, meta_a, table_a, file_a, where_a),
-                                                    ("b", folder_b, meta_b, table_b, file_b, where_b)):
+    for side, folder, meta, table, fname, where in (("a", folder_a, meta_a, table_a, file_a, cfg.where_a),
+                                                    ("b", folder_b, meta_b, table_b, file_b, cfg.where_b)):
         label = f"{_label(meta)} ({side.upper()})"
         for col in ("set", "id"):
             if col not in table.columns:
@@ -384,17 +397,15 @@ def ttest(
             row.update({"test": test_name, "p_value": float("nan"), "note": str(e)})
         rows.append(row)
     res = pd.DataFrame(rows)
-    adjusted, corr_name = adjust_pvalues(res["p_value"].to_numpy(dtype=float), correction)
+    adjusted, corr_name = adjust_pvalues(res["p_value"].to_numpy(dtype=float), cfg.correction)
     res["p_adjusted"], res["correction"] = adjusted, corr_name
     first_cols = ([by] if by else []) + ["metric", "test"]
     res = res[first_cols + [c for c in res.columns if c not in first_cols]]
-    with Run("stats", name, force) as run:
+    with Run("stats", cfg.name, cfg.force) as run:
         run.write_csv("ttest.csv", res)
         metas = [meta_a] if run_b is None else [meta_a, meta_b]
         final = run.finish(model=_common_model(metas), prompt_sets=_prompt_sets(metas), seed=None,
-                           params={"command": "ttest", "run_a": str(folder_a), "run_b": str(folder_b),
-                                   "metric": metric, "where_a": where_a or [], "where_b": where_b or [],
-                                   "set": set_name, "welch": welch, "by": by, "correction": correction},
+                           params=cfg.params(command="ttest", run_a=str(folder_a), run_b=str(folder_b)),
                            results={"test": test_name, "correction": corr_name,
                                     "missing_values": {"a": a["n_missing"], "b": b["n_missing"]},
                                     "rows": res.to_dict(orient="records"),
@@ -426,15 +437,18 @@ def ttest(
 
 
 # ------------------------------------------------------------------------------------------------ control
+class ControlConfig(RunOptions):
+    """The options of ``refusal stats control``."""
+
+    run: Annotated[str, Cli(argument=True)] = Field(..., description="a steer run (runs/steer/NAME or NAME)")
+    metric: Literal["score", "refusal"] = Field("score", description="score or refusal")
+    kind: Literal["random", "orthogonal"] = Field("random", description="control directions: random or orthogonal")
+    correction: Correction = Field("holm", description=CORRECTION_HELP)
+
+
 @stats_app.command("control")
-@handle_errors
-def control(
-    run: str = typer.Argument(..., help="a steer run (runs/steer/NAME or NAME)"),
-    metric: str = typer.Option("score", "--metric", help="score or refusal"),
-    kind: str = typer.Option("random", "--kind", help="control directions: random or orthogonal"),
-    correction: str = CorrectionOpt,
-    name: str = NameOpt, force: bool = ForceOpt,
-):
+@command(ControlConfig)
+def control(cfg: ControlConfig):
     """Place the learned direction's steering effect within its control directions' effects.
 
     For each layer, set, part and steering strength alpha != 0: the learned direction's effect (mean metric at
@@ -442,13 +456,8 @@ def control(
     (2.5th-97.5th percentile), the learned effect's percentile, a two-sided empirical p-value (Phipson & Smyth
     2010), adjusted across all rows with --correction. Writes runs/stats/NAME/control.csv and run.json.
     """
-    if metric not in ("score", "refusal"):
-        raise ToolkitError(f"--metric must be score or refusal, got {metric!r}")
-    if kind not in ("random", "orthogonal"):
-        raise ToolkitError(f"--kind must be random or orthogonal, got {kind!r}")
-    if correction not in CORRECTIONS:
-        raise ToolkitError(f"unknown --correction {correction!r}: use one of {', '.join(CORRECTIONS)}")
-    folder, meta = load_run(run, "steer")
+    metric, kind, correction = cfg.metric, cfg.kind, cfg.correction
+    folder, meta = load_run(cfg.run, "steer")
     path = folder / "results.csv"
     if not path.is_file():
         raise ToolkitError(f"steer run {folder} has no results.csv")
@@ -511,11 +520,10 @@ def control(
     n_sig = int((res["p_adjusted"] < 0.05).sum())
     n_sig_t = int((res["p_parametric_adjusted"] < 0.05).sum())
     n_rand = int(res["n_random"].max())
-    with Run("stats", name, force) as out_run:
+    with Run("stats", cfg.name, cfg.force) as out_run:
         out_run.write_csv("control.csv", res)
         final = out_run.finish(model=meta.get("model"), prompt_sets=_prompt_sets([meta]), seed=None,
-                               params={"command": "control", "run": str(folder), "metric": metric, "kind": kind,
-                                       "correction": correction, "source_seed": meta.get("seed")},
+                               params=cfg.params(command="control", run=str(folder), source_seed=meta.get("seed")),
                                results={"rows": len(res), "n_exceeds_band": n_exceed,
                                         "n_p_adjusted_below_0.05": n_sig,
                                         "n_p_parametric_adjusted_below_0.05": n_sig_t,

@@ -2,8 +2,8 @@
 command line (one ``error:`` line, exit 2, nothing written), the TOML file and ``REFUSAL_<FIELD>`` sources and their
 precedence, and ``params`` in run.json equal to the config's dump.
 
-Validation cases need no model (the config is checked before anything loads); the end-to-end cases run ``score`` and
-``compare`` on the tiny Qwen2 checkpoint of ``tests/test_cli.py``.
+Validation cases need no model (the config is checked before anything loads); the end-to-end cases run ``score``,
+``compare``, ``extract`` and ``ablate`` on the tiny Qwen2 checkpoint of ``tests/test_cli.py``.
 """
 
 from __future__ import annotations
@@ -18,27 +18,40 @@ import pytest
 import typer
 from pydantic import Field
 
+from experiments.ablate import AblateConfig
 from experiments.cli import app
 from experiments.compare import CompareConfig
 from experiments.config import (Cli, CommandConfig, FiniteFloat, ModelOptions, RunOptions, command, env_name,
                                 load_config)
+from experiments.extract import ExtractConfig
 from experiments.geometry import GeometryConfig
+from experiments.imprint import ImprintConfig
 from experiments.patch import PatchConfig
 from experiments.plot_residuals import PlotResidualsConfig
 from experiments.score import ScoreConfig
-from test_cli import assert_ok, assert_usage_error, invoke, tiny_files
+from experiments.stats import ControlConfig, SeedsConfig, TtestConfig
+from test_cli import EXTRACT_FAST, PERMISSIVE, assert_ok, assert_usage_error, invoke, tiny_files
 from toolkit.errors import ToolkitError
 
 CONVERTED = {"score": ScoreConfig, "compare": CompareConfig, "patch": PatchConfig, "geometry": GeometryConfig,
-             "plot-residuals": PlotResidualsConfig}
+             "plot-residuals": PlotResidualsConfig, "ablate": AblateConfig, "extract": ExtractConfig,
+             "imprint": ImprintConfig, "stats seeds": SeedsConfig, "stats ttest": TtestConfig,
+             "stats control": ControlConfig}
 SHARED = ["--model", "--dtype", "--device", "--device-map", "--batch-size", "--system", "--name", "--force", "--seed",
           "--quiet"]
 
 
+def click_command(cmd: str):
+    """The Click command of a subcommand (``score``, or ``stats seeds`` for a command of a sub-app)."""
+    command_ = typer.main.get_command(app)
+    for part in cmd.split():
+        command_ = command_.commands[part]
+    return command_
+
+
 def click_params(cmd: str) -> dict:
     """The Click parameters of a subcommand by their first name (``--batch-size``, or an argument's name)."""
-    command_ = typer.main.get_command(app).commands[cmd]
-    return {(p.opts[0] if p.opts else p.name): p for p in command_.params}
+    return {(p.opts[0] if p.opts else p.name): p for p in click_command(cmd).params}
 
 
 @pytest.fixture(autouse=True)
@@ -55,16 +68,18 @@ def no_refusal_env(monkeypatch):
 @pytest.mark.parametrize("cmd", sorted(CONVERTED))
 def test_generated_signature_has_every_field_then_config(cmd):
     cls = CONVERTED[cmd]
-    fn = dict(typer.main.get_command(app).commands)[cmd].callback
+    fn = click_command(cmd).callback
     names = [n for n in inspect.signature(fn.__wrapped__ if hasattr(fn, "__wrapped__") else fn).parameters]
     params = click_params(cmd)
     assert "--config" in params and params["--config"].default is None
     fields = {n for n in params if n != "--config"}
     assert len(fields) == len(cls.model_fields), names
-    if cmd != "compare":
+    if issubclass(cls, ModelOptions):
         # the shared options, in the order --help has always listed them (--device-map after --device), at the end
         assert [n for n in params if n in SHARED] == SHARED
         assert list(params)[-len(SHARED) - 1:-1] == SHARED
+    else:  # RunOptions only (compare, imprint, stats): --name and --force last, no model option
+        assert list(params)[-3:-1] == ["--name", "--force"] and "--model" not in params
 
 
 def test_shared_options_are_the_common_ones():
@@ -89,11 +104,22 @@ def test_signature_flags_defaults_and_help_come_from_the_fields():
     assert "a finite number > 0" in click_params("plot-residuals")["--fps"].help
     c = click_params("compare")
     assert c["runs"].param_type_name == "argument" and c["runs"].required
+    a = click_params("ablate")
+    assert a["--direction"].opts == ["--direction", "-d"] and a["--direction"].required
+    assert a["--limit"].help.endswith("(>= 1)") and a["--gen-tokens"].default == 12
+    x = click_params("extract")
+    assert x["--filter"].default == "judge" and x["--kl-max"].help.endswith("(a finite number > 0)")
+    assert "(a finite number > 0 and <= 1)" in x["--max-layer-frac"].help and "(>= 1)" in x["--judge-tokens"].help
+    i = click_params("imprint")
+    assert i["runs"].metavar == "RUN..." and i["runs"].required and i["--plot"].secondary_opts == ["--no-plot"]
+    t = click_params("stats ttest")
+    assert (t["run_a"].metavar, t["run_b"].metavar, t["run_b"].required) == ("RUN_A", "[RUN_B]", False)
+    assert t["--set"].default is None and t["--correction"].default == "holm"
 
 
 @pytest.mark.parametrize("cmd", sorted(CONVERTED))
 def test_help_lists_each_flag_with_its_description(cmd):
-    r = invoke([cmd, "--help"])
+    r = invoke([*cmd.split(), "--help"])
     out = assert_ok(r)
     for name, p in click_params(cmd).items():
         if p.param_type_name == "option":
@@ -159,6 +185,19 @@ BAD = [
     (["plot-residuals", "--method", "tsne"], "--method: unknown projection method 'tsne'; choose one of pacmap, pca"),
     (["plot-residuals", "--neighbors", "0"], "--neighbors"),
     (["plot-residuals", "--position", "1"], "--position"),
+    (["ablate", "-d", "x", "--limit", "0"], "--limit: must be >= 1", "got 0"),
+    (["ablate", "-d", "x", "--gen-tokens", "-1"], "--gen-tokens", "got -1"),
+    (["extract", "--n-train", "0"], "--n-train", "got 0"),
+    (["extract", "--screen-n", "0"], "--screen-n"),
+    (["extract", "--filter", "bogus"], "--filter: must be one of judge, score, none", "bogus"),
+    (["extract", "--select-by", "bogus"], "--select-by", "bogus"),
+    (["extract", "--kl-max", "nan"], "--kl-max: must be a finite number > 0", "nan"),
+    (["extract", "--max-layer-frac", "1.5"], "--max-layer-frac", "<= 1", "1.5"),
+    (["stats", "ttest", "x", "--correction", "bonferroni"],
+     "--correction: unknown correction 'bonferroni': use one of holm, bh, none"),
+    (["stats", "control", "x", "--metric", "bogus"], "--metric: must be one of score, refusal", "bogus"),
+    (["stats", "control", "x", "--kind", "bogus"], "--kind: must be one of random, orthogonal", "bogus"),
+    (["stats", "control", "x", "--correction", "sidak"], "--correction", "sidak"),
 ]
 
 
@@ -166,8 +205,10 @@ BAD = [
 def test_bounds_and_choices_are_one_error_line_and_nothing_written(args, env):
     cmdline, *needles = args
     before = sorted(p.name for p in env.parent.iterdir())
-    # a model that does not exist: the config is checked first, so its error is the one reported
-    assert_usage_error(invoke([*cmdline, "--model", "nope/missing-model", "--quiet"]), *needles)
+    # a model (or run) that does not exist: the config is checked first, so its error is the one reported
+    cls = CONVERTED[" ".join(cmdline[:2]) if cmdline[0] == "stats" else cmdline[0]]
+    model = ["--model", "nope/missing-model", "--quiet"] if issubclass(cls, ModelOptions) else []
+    assert_usage_error(invoke([*cmdline, *model]), *needles)
     assert sorted(p.name for p in env.parent.iterdir()) == before and not env.exists()
 
 
@@ -329,3 +370,38 @@ def test_device_map_option_places_the_model_and_is_recorded(env):
     for bad in ("everywhere", "{not json", "[1]"):
         assert_usage_error(invoke(common + ["--name", "bad", "--device-map", bad]), "--device-map: ", bad)
     assert not (env / "score" / "bad").exists()
+
+
+def test_extract_and_ablate_record_the_config_as_params(env):
+    """extract and ablate write every option as params, with what they resolved on top (the layer and position
+    lists, the parsed --induce-min, the direction's source, the refusal token ids), and keep every key they wrote by
+    hand before the configs, with the same values."""
+    from toolkit.directions import Direction
+
+    model, h, b = tiny_files(env.parent)
+    common = ["--model", model, *EXTRACT_FAST, "--dtype", "float32"]
+    assert_ok(invoke(["extract", "--harmful", h, "--harmless", b, *common, *PERMISSIVE, "--layers", "1:3",
+                      "--n-train", "4", "--name", "ex"]))
+    meta = json.loads((env / "extract" / "ex" / "run.json").read_text())
+    p = meta["params"]
+    want = ExtractConfig(harmful=str(h), harmless=str(b), model=str(model), quiet=True, batch_size=4, dtype="float32",
+                         filter="none", select_by="score", kl_max=1e9, induce_min="-1e9", screen_n=2, keep=2,
+                         judge_tokens=3, layers="1:3", n_train=4, name="ex")
+    assert p == want.params(induce_min=-1e9, layers=[1, 2], positions=p["positions"],
+                            refusal_token_ids=p["refusal_token_ids"])
+    old = {"filter": "none", "max_layer_frac": 0.8, "kl_max": 1e9, "screen_n": 2, "keep": 2, "max_full": 12,
+           "judge_top": 3, "judge_tokens": 3, "select_by": "score", "induce_min": -1e9, "n_train": 4, "n_val": None,
+           "layers": [1, 2], "system": None}
+    assert {k: p[k] for k in old} == old and p["positions"] and p["refusal_token_ids"]
+    assert len(p) == len(ExtractConfig.model_fields) + 1  # + refusal_token_ids
+
+    assert_ok(invoke(["ablate", "-d", env / "extract" / "ex", "--harmful", h, "--harmless", b, *common,
+                      "--limit", "2", "--gen-tokens", "2", "--name", "ab"]))
+    p = json.loads((env / "ablate" / "ab" / "run.json").read_text())["params"]
+    direction = Direction.resolve(str(env / "extract" / "ex")).source
+    want = AblateConfig(direction=str(env / "extract" / "ex"), harmful=str(h), harmless=str(b), model=str(model),
+                        quiet=True, batch_size=4, dtype="float32", limit=2, gen_tokens=2, name="ab")
+    assert p == want.params(direction=direction, refusal_token_ids=p["refusal_token_ids"])
+    old = {"direction": direction, "split": "test", "gen_tokens": 2, "limit": 2, "system": None, "save": None,
+           "save_dtype": "auto", "baseline": None}
+    assert {k: p[k] for k in old} == old and p["refusal_token_ids"]

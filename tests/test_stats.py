@@ -462,7 +462,7 @@ def test_ttest_errors(runs):
                        "no prompts match", "sets b, h", "sets x")
     assert_usage_error(invoke(["stats", "ttest", ab, "--where-b", "condition=ablated"]),
                        "not unique per prompt", "add --where-a for: condition")
-    assert_usage_error(invoke(["stats", "ttest", ab, "--correction", "bonferroni"]), "unknown --correction",
+    assert_usage_error(invoke(["stats", "ttest", ab, "--correction", "bonferroni"]), "--correction: unknown correction",
                        "'bonferroni'")
     assert_usage_error(invoke(["stats", "ttest", ab, "--where-a", "cond=baseline"]), "no column 'cond'")
     assert_usage_error(invoke(["stats", "ttest", ab, "--metric", "completion", "--where-a", "condition=baseline",
@@ -555,6 +555,7 @@ def test_control_errors(runs):
     assert_usage_error(invoke(["stats", "control", nl]), "no learned-direction rows")
     full = make_run(runs, "steer", "full", {"results.csv": steer_results()})
     assert_usage_error(invoke(["stats", "control", full, "--metric", "refusal"]), "no refusal values")
-    assert_usage_error(invoke(["stats", "control", full, "--correction", "sidak"]), "unknown --correction")
+    assert_usage_error(invoke(["stats", "control", full, "--correction", "sidak"]), "--correction: unknown correction",
+                       "'sidak'")
     assert_usage_error(invoke(["stats", "control", "missing-steer"]), "no run at missing-steer")
     assert not (runs / "stats").exists()
