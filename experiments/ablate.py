@@ -17,8 +17,7 @@ from toolkit.models import dtype_from_name
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run, reuse_baseline
 
-from .common import console, print_summary, summary_row
-from .config import Cli, ModelOptions, RunOptions, command
+from .shared import Cli, ModelOptions, RunOptions, command, console, print_summary, summary_row
 
 
 class AblateConfig(ModelOptions, RunOptions):

@@ -10,8 +10,7 @@ from pydantic import Field
 from toolkit.errors import ToolkitError
 from toolkit.runs import Run, load_run, read_run_table
 
-from .common import console, print_summary
-from .config import Cli, RunOptions, command
+from .shared import Cli, RunOptions, command, console, print_summary
 
 
 COMPARABLE = ("score", "extract", "ablate")  # run kinds whose summary.csv has rows per set and condition

@@ -23,8 +23,7 @@ from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.residuals import residuals
 from toolkit.runs import Run
 
-from .common import console, out
-from .config import Invalid, ModelOptions, PromptPosition, RunOptions, Site, command
+from .shared import Invalid, ModelOptions, PromptPosition, RunOptions, Site, command, console, out
 
 
 class ConesConfig(ModelOptions, RunOptions):

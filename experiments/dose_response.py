@@ -20,8 +20,8 @@ from toolkit.runs import Run
 from toolkit.steering import parse_alphas, scale_value
 from toolkit.steering_summary import fit_curves, summarise_doses
 
-from .common import console, out, sweep_bar
-from .config import DirectionSpec, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command
+from .shared import (DirectionSpec, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command,
+                     console, out, sweep_bar)
 
 
 class DoseResponseConfig(ModelOptions, RunOptions):

@@ -18,8 +18,7 @@ from toolkit.runs import Run
 from toolkit.selection import SelectionConfig, build_candidates, select_direction
 from toolkit.stats import rate_ci
 
-from .common import console, out
-from .config import FiniteFloat, ModelOptions, RunOptions, command
+from .shared import FiniteFloat, ModelOptions, RunOptions, command, console, out
 
 
 class ExtractConfig(ModelOptions, RunOptions):

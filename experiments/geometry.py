@@ -20,8 +20,7 @@ from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.residuals import residuals
 from toolkit.runs import Run
 
-from .common import console, out
-from .config import ModelOptions, PromptPosition, RunOptions, Site, command
+from .shared import ModelOptions, PromptPosition, RunOptions, Site, command, console, out
 
 COLUMNS = [("cos_g_b", "S(g,b)"), ("cos_gm_bm", "S(g*,b*)"), ("cos_g_r", "S(g,r)"), ("cos_gm_rm", "S(g*,r*)"),
            ("cos_b_r", "S(b,r)"), ("cos_bm_rm", "S(b*,r*)"), ("norm_g", "|g|"), ("norm_gm", "|g*|"),

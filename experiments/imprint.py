@@ -18,8 +18,7 @@ from toolkit.errors import ToolkitError
 from toolkit.geometry import IMPRINT_FIGURES, contrast_layers, imprint
 from toolkit.runs import Run
 
-from .common import console, out
-from .config import Cli, RunOptions, command
+from .shared import Cli, RunOptions, command, console, out
 
 #: Hand-set templates for the optional training-method heuristic (--classify): per method, the mean and spread
 #: of each figure. ILLUSTRATIVE VALUES CHOSEN BY HAND FOR THIS TOOLKIT, NOT FITTED TO OR VALIDATED ON ANY MODEL

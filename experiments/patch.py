@@ -17,8 +17,7 @@ from toolkit.patching import (DIRECTIONS, head_components, head_layout, max_vari
 from toolkit.prompts import PromptSet, load_prompt_set
 from toolkit.runs import Run
 
-from .common import console, out, styled, sweep_bar
-from .config import ModelOptions, RunOptions, command
+from .shared import ModelOptions, RunOptions, command, console, out, styled, sweep_bar
 
 MAX_ROWS = 256  # rows per stacked forward pass (components x prompts of one base batch)
 UNSTABLE_GAP = 0.5  # score units: below this clean-corrupt gap normalised figures are unstable

@@ -21,8 +21,8 @@ from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.residuals import residuals
 from toolkit.runs import Run
 
-from .common import console, out
-from .config import FiniteFloat, Invalid, ModelOptions, PromptPosition, RunOptions, Site, command
+from .shared import (FiniteFloat, Invalid, ModelOptions, PromptPosition, RunOptions, Site, command, console,
+                     out)
 
 
 def _split_list(text: str | None) -> list[str]:

@@ -12,8 +12,7 @@ from toolkit.evaluation import evaluate, judged
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run
 
-from .common import console, print_summary, summary_row
-from .config import Cli, ModelOptions, RunOptions, command
+from .shared import Cli, ModelOptions, RunOptions, command, console, print_summary, summary_row
 
 
 class ScoreConfig(ModelOptions, RunOptions):

@@ -25,8 +25,7 @@ from toolkit.runs import TEXT_COLUMNS, Run, load_run, read_run_table
 from toolkit.stats import (CORRECTIONS, adjust_pvalues, aggregate_seeds, as_float, mcnemar_exact, normalize_key,
                            paired_ttest, random_control, welch_ttest)
 
-from .common import console, out
-from .config import NOT_COMPARED, Cli, Invalid, RunOptions, command
+from .shared import Cli, Invalid, NOT_COMPARED, RunOptions, command, console, out
 
 stats_app = typer.Typer(
     help="Statistics on finished runs: aggregate seeds, test two conditions prompt by prompt, compare a learned "
@@ -152,7 +151,7 @@ def seeds(cfg: SeedsConfig):
     Rows are matched across runs on the key columns; per row and metric the output gives the number of seeds, the
     mean, the SD and the t interval of the mean. The runs must be of one command with distinct seeds and identical
     params apart from seed params and the options that only say how, where or under which name a run was made
-    (:data:`experiments.config.NOT_COMPARED`: model, dtype, device, name, force, quiet). Rows missing from any run
+    (:data:`experiments.shared.config.NOT_COMPARED`: model, dtype, device, device_map, name, force, quiet). Rows missing from any run
     are dropped (and counted). Writes runs/stats/NAME/seeds.csv and run.json.
     """
     if len(cfg.runs) < 2:

@@ -21,8 +21,8 @@ from toolkit.runs import Run
 from toolkit.steering import dial_direction, hash_split, parse_alphas, random_directions, scale_value
 from toolkit.steering_summary import band_table, monotonicity, summarise
 
-from .common import console, out, sweep_bar
-from .config import Cli, FiniteFloat, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command
+from .shared import (Cli, FiniteFloat, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command,
+                     console, out, sweep_bar)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The typed command configs (:mod:`experiments.config`): the generated Typer signature, validation through the
+"""The typed command configs (:mod:`experiments.shared.config`): the generated Typer signature, validation through the
 command line (one ``error:`` line, exit 2, nothing written), the TOML file and ``REFUSAL_<FIELD>`` sources and their
 precedence, and ``params`` in run.json equal to the config's dump.
 
@@ -21,7 +21,7 @@ from pydantic import Field
 from experiments.ablate import AblateConfig
 from experiments.cli import app
 from experiments.compare import CompareConfig
-from experiments.config import (Cli, CommandConfig, FiniteFloat, ModelOptions, RunOptions, command, env_name,
+from experiments.shared.config import (Cli, CommandConfig, FiniteFloat, ModelOptions, RunOptions, command, env_name,
                                 load_config)
 from experiments.extract import ExtractConfig
 from experiments.geometry import GeometryConfig

@@ -51,9 +51,9 @@ def test_engine_modules_hold_no_mutable_state(module):
 
 # ----------------------------------------------------------------------------------------- pass state
 def test_hooks_receive_the_runners_pass_state(tiny):
-    """During ``generate`` a hook sees the prefix (where one is shared), prompt and generate phases in that order, its own site and
-    layer, and in the prompt phase the caller-order rows of each batch (together: every prompt once) with the
-    batch's shortest real length; outside a Runner the state is a fresh prompt-phase one."""
+    """During ``generate`` a hook sees the prefix (where one is shared), prompt and generate phases in that
+    order, its own site and layer, and in the prompt phase the caller-order rows of each batch (together: every
+    prompt once) with the batch's shortest real length; outside a Runner the state is a fresh prompt-phase one."""
     r = runner(tiny, batch_size=3)
     enc = r.encode(PROMPTS)
     seen = []

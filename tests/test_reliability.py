@@ -283,7 +283,7 @@ def test_7_user_text_in_errors_is_printed_verbatim(env, name):
 
 
 def test_7_hints_in_brackets_survive():
-    from experiments.common import handle_errors
+    from experiments.shared import handle_errors
 
     @handle_errors
     def fail():

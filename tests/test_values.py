@@ -310,13 +310,13 @@ def test_single_position_and_site_checks():
 
 # ------------------------------------------------------------------------------------------------ errors -> flags
 def test_engine_errors_name_parameters_and_the_cli_prints_flags():
-    from experiments.common import cli_message, flag_of
+    from experiments.shared import cli_message, param_flag
 
     e = ToolkitError("must be >= 1", param="gen_tokens")
     assert (str(e), e.message, e.param) == ("gen_tokens: must be >= 1", "must be >= 1", "gen_tokens")
     assert str(ToolkitError("plain")) == "plain" and ToolkitError("plain").param is None
-    assert flag_of("gen_tokens") == "--gen-tokens" and flag_of("layers") == "--layers"
-    assert flag_of("filter_by") == "--filter"
+    assert param_flag("gen_tokens") == "--gen-tokens" and param_flag("layers") == "--layers"
+    assert param_flag("filter_by") == "--filter" and param_flag("max_pairs") == "--pairs"
     assert cli_message(e) == "--gen-tokens: must be >= 1"
     assert cli_message(ToolkitError("run x exists; choose another `name` or pass `force`", param="name")) == \
         "--name: run x exists; choose another --name or pass --force"

@@ -6,7 +6,7 @@ A command's options are the fields of a pydantic model. From that model come
   each field's ``description``, default and bounds);
 * the validation of choices (``Literal[...]``), bounds (``Field(ge=..., le=...)``) and finiteness
   (:data:`FiniteFloat`), done by pydantic after all values are collected; a failure is one
-  ``error: --flag: ...`` line and exit code 2, like every other bad input (:func:`experiments.common.handle_errors`);
+  ``error: --flag: ...`` line and exit code 2, like every other bad input (:func:`experiments.shared.errors.handle_errors`);
 * the values from a TOML file (``--config FILE.toml``, keys are the field names, ``batch_size`` or
   ``batch-size``) and from environment variables ``REFUSAL_<FIELD>`` (``REFUSAL_BATCH_SIZE=8``; list fields take
   JSON, ``REFUSAL_SETS='["harmful", "borderline"]'``), read with pydantic-settings' sources;
@@ -70,7 +70,9 @@ from toolkit.errors import ToolkitError
 from toolkit.hooks import SITES
 from toolkit.steering import SCALES
 
-from .common import SEED_MAX, handle_errors
+from .errors import handle_errors
+
+SEED_MAX = 2**32 - 1  # the widest range every RNG used here (torch, numpy, scipy) accepts
 
 ENV_PREFIX = "REFUSAL_"
 
@@ -190,7 +192,7 @@ def field_order(cls: type[BaseModel]) -> list[str]:
 
 class ModelOptions(CommandConfig):
     """The options of every command that loads a model (formerly ``ModelOpt``, ``DtypeOpt``, ... in
-    :mod:`experiments.common`)."""
+    the former ``experiments/common.py``)."""
 
     model: Annotated[Optional[str], Cli("--model", "-m")] = Field(
         None, description="Hugging Face id, local folder or .gguf file [default: the offline "
@@ -208,8 +210,8 @@ class ModelOptions(CommandConfig):
     quiet: Annotated[bool, Cli("--quiet", "-q")] = Field(False, description="no progress bars")
 
     def open_session(self):
-        """Load the model and build the runner with these options (:func:`experiments.common.open_session`)."""
-        from .common import open_session
+        """Load the model and build the runner with these options (:func:`experiments.shared.session.open_session`)."""
+        from .session import open_session
 
         return open_session(self.model, self.dtype, self.device, self.batch_size, self.system, self.quiet,
                             self.seed, self.device_map)
@@ -387,7 +389,7 @@ def command(cls: type[C]) -> Callable[[Callable[[C], Any]], Callable[..., Any]]:
     with its default and description, in declaration order with the shared options last, plus ``--config``).
     When called by Typer it collects the values given on the command line (Click tells given from default), builds
     the config with :func:`load_config` and calls the body; bad values and the body's :class:`ToolkitError`\\ s
-    are one ``error:`` line with exit code 2 (:func:`experiments.common.handle_errors`).
+    are one ``error:`` line with exit code 2 (:func:`experiments.shared.errors.handle_errors`).
 
     Args:
         cls: the command's config model (a :class:`CommandConfig`).
@@ -397,7 +399,7 @@ def command(cls: type[C]) -> Callable[[Callable[[C], Any]], Callable[..., Any]]:
     """
     reserved = {"config_file", "typer_ctx"} & set(cls.model_fields)
     if reserved:
-        raise TypeError(f"{cls.__name__}: field names {sorted(reserved)} are reserved by experiments.config.command")
+        raise TypeError(f"{cls.__name__}: field names {sorted(reserved)} are reserved by experiments.shared.config.command")
     params = [inspect.Parameter("typer_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
     params += [parameter(n, cls.model_fields[n]) for n in field_order(cls)]
     params.append(inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
