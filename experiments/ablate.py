@@ -75,7 +75,7 @@ def ablate(cfg: AblateConfig):
             base_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=cfg.gen_tokens, desc="baseline harmless")
         run.time("baseline", time.time() - t0)
         t0 = time.time()
-        with directional_ablation(ses.lm.model, d.vector):
+        with directional_ablation(ses.lm.model, d):
             abl_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=cfg.gen_tokens, desc="ablated harmful")
             abl_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=cfg.gen_tokens, desc="ablated harmless")
         run.time("ablated", time.time() - t0)
@@ -84,7 +84,7 @@ def ablate(cfg: AblateConfig):
         ortho_info = None
         if cfg.save is not None:
             t0 = time.time()
-            ortho_info = orthogonalize_weights(ses.lm.model, d.vector)
+            ortho_info = orthogonalize_weights(ses.lm.model, d)
             orth_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=cfg.gen_tokens,
                               desc="orthogonalized harmful")
             orth_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=0, desc="orthogonalized harmless")

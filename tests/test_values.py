@@ -345,3 +345,34 @@ def test_cli_site_defaults_to_the_directions_site(env, tiny_folder, tmp_path):
     assert_ok(invoke(["steer", "--direction", f, "--sets", h, "--split", "test", "--alpha", "0,1", "--no-plot",
                       "--site", "mlp_out", "--model", tiny_folder, "--quiet", "--batch-size", "4", "--name", "t"]))
     assert json.loads((env / "steer" / "t" / "run.json").read_text())["params"]["site"] == "mlp_out"
+
+
+def test_interventions_take_their_defaults_from_a_direction(tiny):
+    """A Direction given to an intervention is its vector, and activation addition's layers and site default to
+    the direction's recorded layer and site (exactly as if given by hand); without a recorded layer, layers must
+    be given."""
+    from toolkit.interventions import activation_addition, directional_ablation, orthogonalize_weights
+    from toolkit.runner import Runner
+    from toolkit.templates import ChatFormat
+    from conftest import PROMPTS
+
+    r = Runner(tiny, ChatFormat(tiny.tokenizer), batch_size=4, progress=False)
+    enc = r.encode(PROMPTS)
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(5)) * 3
+    d = Direction(v, layer=2, site="attn_out", position=-1)
+    with activation_addition(tiny.model, d, alpha=1.5):
+        got = r.logits(enc)
+    with activation_addition(tiny.model, v, [2], alpha=1.5, site="attn_out"):
+        want = r.logits(enc)
+    assert torch.equal(got, want) and not torch.equal(got, r.logits(enc))
+    with directional_ablation(tiny.model, d):
+        got = r.logits(enc)
+    with directional_ablation(tiny.model, v):
+        assert torch.equal(got, r.logits(enc))
+    with pytest.raises(ToolkitError, match="layers: activation addition needs layers"):
+        with activation_addition(tiny.model, Direction(v)):
+            pass
+    with pytest.raises(ToolkitError, match="layers: activation addition needs layers"):
+        with activation_addition(tiny.model, v):
+            pass
+    assert orthogonalize_weights(tiny.model, d)["edited"]

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .directions import Direction
 from .errors import ToolkitError
 from .hooks import Reach, decoder_layers, embedding, has_post_norms, hooked
 
@@ -29,7 +30,11 @@ def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     return (xf - (xf @ r).unsqueeze(-1) * r).to(x.dtype)
 
 
-def _check_direction(model: nn.Module, direction: torch.Tensor) -> torch.Tensor:
+def _check_direction(model: nn.Module, direction: torch.Tensor | Direction) -> torch.Tensor:
+    """The vector of a direction (a :class:`toolkit.directions.Direction` or a tensor), checked against the model's
+    width, non-zero and finite."""
+    if isinstance(direction, Direction):
+        direction = direction.vector
     d = model.config.get_text_config().hidden_size
     if direction.ndim != 1 or direction.shape[0] != d:
         raise ToolkitError(f"direction has shape {tuple(direction.shape)}, but the model's d_model is {d}")
@@ -40,7 +45,7 @@ def _check_direction(model: nn.Module, direction: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def directional_ablation(model: nn.Module, direction: torch.Tensor, layers: Sequence[int] | None = None
+def directional_ablation(model: nn.Module, direction: torch.Tensor | Direction, layers: Sequence[int] | None = None
                          ) -> Iterator[None]:
     """Ablate ``direction`` from the residual stream: ``x <- x - (x . r_hat) r_hat``.
 
@@ -50,7 +55,7 @@ def directional_ablation(model: nn.Module, direction: torch.Tensor, layers: Sequ
 
     Args:
         model: ``transformers`` causal LM.
-        direction: ``[d_model]``, any norm (normalised here).
+        direction: ``[d_model]`` or a :class:`toolkit.directions.Direction`, any norm (normalised here).
         layers: block indices, default all.
 
     Raises:
@@ -128,8 +133,9 @@ def subspace_ablation(model: nn.Module, vectors: torch.Tensor, layers: Sequence[
 
 
 @contextlib.contextmanager
-def activation_addition(model: nn.Module, vector: torch.Tensor, layers: Sequence[int], *, alpha: float = 1.0,
-                        positions: Sequence[int] | None = None, site: str = "resid_pre") -> Iterator[None]:
+def activation_addition(model: nn.Module, vector: torch.Tensor | Direction, layers: Sequence[int] | None = None, *,
+                        alpha: float = 1.0, positions: Sequence[int] | None = None, site: str | None = None
+                        ) -> Iterator[None]:
     """Activation addition: ``x <- x + alpha * vector`` at ``site`` of each layer in ``layers``.
 
     ``vector`` is used as given (Arditi et al. add the raw, unnormalised difference-in-means with
@@ -138,15 +144,23 @@ def activation_addition(model: nn.Module, vector: torch.Tensor, layers: Sequence
     those prompt positions only, in the prompt pass. ``site="resid_mid"`` adds to ``attn_out`` (same effect).
 
     Args:
-        vector: ``[d_model]``.
-        layers: block indices.
+        vector: ``[d_model]``, or a :class:`toolkit.directions.Direction`, whose recorded layer and site are then the
+            defaults of ``layers`` and ``site``.
+        layers: block indices [default: the direction's layer].
         alpha: coefficient.
         positions: negative indices from the end of the prompt, or None for all positions.
-        site: hook site (default ``resid_pre``).
+        site: hook site [default: the direction's site, else ``resid_pre``].
 
     Raises:
-        ToolkitError: vector of the wrong width, bad positions, unknown site, layer out of range.
+        ToolkitError: vector of the wrong width, bad positions, unknown site, layer out of range, no layers given
+            for a tensor or a direction that records none.
     """
+    own = vector if isinstance(vector, Direction) else None
+    if layers is None:
+        if own is None or own.layer is None:
+            raise ToolkitError("activation addition needs layers (the direction records none)", param="layers")
+        layers = [own.layer]
+    site = site or (own.site if own is not None and own.site else "resid_pre")
     v = _check_direction(model, vector).float()
     if positions is not None:
         positions = list(positions)
@@ -172,7 +186,7 @@ def activation_addition(model: nn.Module, vector: torch.Tensor, layers: Sequence
 
 
 @torch.no_grad()
-def orthogonalize_weights(model: nn.Module, direction: torch.Tensor) -> dict:
+def orthogonalize_weights(model: nn.Module, direction: torch.Tensor | Direction) -> dict:
     """Weight orthogonalization (Arditi et al. 2024): remove ``r_hat`` from every matrix writing to the residual.
 
     ``W <- W - r_hat r_hat^T W`` for each attention output projection (``o_proj``) and MLP output projection
