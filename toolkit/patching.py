@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .activations import Batch
+from .batching import Batch
 from .errors import ToolkitError
 from .hooks import HEAD_SITE, SITES, Reach, check_layer, decoder_layers, hooked
 from .runner import Context, ContextPart, Encoded, Runner

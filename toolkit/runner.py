@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .activations import Batch, make_batches
+from .batching import Batch, make_batches
 from .errors import ToolkitError
 from .hooks import (SITES, PassState, Reach, StopForward, active_hooks, check_layer, decoder_layers, hooked,
                     running)
