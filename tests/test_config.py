@@ -405,3 +405,14 @@ def test_extract_and_ablate_record_the_config_as_params(env):
     old = {"direction": direction, "split": "test", "gen_tokens": 2, "limit": 2, "system": None, "save": None,
            "save_dtype": "auto", "baseline": None}
     assert {k: p[k] for k in old} == old and p["refusal_token_ids"]
+
+
+def test_help_keeps_bracketed_text():
+    """Typer renders help as Rich markup; a field's ``[default: ...]`` text is escaped, not swallowed."""
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["steer", "--help"], env={"COLUMNS": "250"})
+    text = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 0
+    assert "[default: the direction's layer, or the middle layer]" in text
+    assert "[default: the offline Qwen2.5-Coder-0.5B-Instruct Q4_K_M]" in text

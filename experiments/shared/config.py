@@ -360,9 +360,12 @@ def _cli_type(annotation):
 
 def _help(field: FieldInfo) -> str:
     """The help text: the description (which names the choices of a ``Literal``), with the bounds appended (the
-    checks are pydantic's, so Click does not print its own range)."""
+    checks are pydantic's, so Click does not print its own range). Square brackets are escaped: Typer renders help
+    as Rich markup, which would otherwise swallow text such as ``[default: the direction's layer]``."""
+    from rich.markup import escape
+
     bounds = bounds_text(field)
-    return (field.description or "") + (f" ({bounds})" if bounds else "")
+    return escape((field.description or "") + (f" ({bounds})" if bounds else ""))
 
 
 def parameter(name: str, field: FieldInfo) -> inspect.Parameter:
