@@ -167,7 +167,6 @@ def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool
 
 
 # ----------------------------------------------------------------------------------------------- pass state
-PHASES = ("prefix", "prompt", "generate", "continuation")
 
 
 @dataclass
