@@ -384,7 +384,7 @@ class Runner:
                 blocks[i] = blk
 
     def _logits_from_context(self, ctx: Context, desc: str) -> torch.Tensor:
-        ctx.check_serves(self.model)
+        """:meth:`logits` over a context that :meth:`Context.check_serves` has accepted."""
         out = None
         current: list = [None]
         hidden = None
