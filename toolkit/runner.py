@@ -431,25 +431,50 @@ class Runner:
             parts.append(z)
         return torch.cat(parts)
 
-    def logits(self, enc: Encoded, desc: str = "forward", context: Context | None = None) -> torch.Tensor:
+    def _columns(self, hidden: torch.Tensor, head, cols: torch.Tensor) -> torch.Tensor:
+        """``head`` applied to ``hidden`` ``[n, d_model]`` for the vocabulary rows ``cols`` only -> ``[n, k]``
+        (bias and Gemma 2's final logit soft-capping included)."""
+        z = torch.nn.functional.linear(hidden, head.weight[cols],
+                                       None if getattr(head, "bias", None) is None else head.bias[cols])
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(z / cap) * cap if cap else z
+
+    def logits(self, enc: Encoded, desc: str = "forward", context: Context | None = None,
+               columns: Sequence[int] | None = None) -> torch.Tensor:
         """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` float32, caller's order.
 
         Active hooks (interventions) apply to the prefix and the prompt. Only the last position reaches the
         LM head (``logits_to_keep=1``). With ``context`` (from :meth:`context` on the same ``enc``) only the
-        last ``context.k`` tokens of each prompt are computed.
+        last ``context.k`` tokens of each prompt are computed. With ``columns`` (token ids) only those rows of
+        the LM head are applied (a judge reading a few option tokens): ``[n_prompts, len(columns)]``, equal to
+        the same columns of the full logits.
 
         Raises:
             ToolkitError: ``context`` made for other prompts, or an active intervention it cannot serve (one at
-                every position, or one deeper than ``context.k``).
+                every position, or one deeper than ``context.k``); ``columns`` with a ``context`` or out of range.
         """
         if context is not None:
+            if columns is not None:
+                raise ToolkitError("logits over a context give every column")
             context.check_serves(self.model, enc)
             return self._logits_from_context(context, desc)
         out = None
         enc = self._ensure_depth(enc, active_hooks(self.model).depth)
+        sub = None
+        if columns is not None:
+            head = self.model.get_output_embeddings()
+            cols = torch.as_tensor(list(columns), dtype=torch.long)
+            if not len(cols) or cols.min() < 0 or cols.max() >= head.weight.shape[0]:
+                raise ToolkitError(f"logit columns must be token ids in [0, {head.weight.shape[0]})")
+            sub = (head, cols.to(head.weight.device))
         for b, cache, _ in self._iterate(enc, desc):
-            logits = self.model(**self._inputs(enc, b, cache), use_cache=cache is not None,
-                                logits_to_keep=1).logits[:, -1].float().cpu()
+            if sub is not None:
+                h = self.model.get_decoder()(**self._inputs(enc, b, cache), use_cache=cache is not None
+                                             ).last_hidden_state[:, -1]
+                logits = self._columns(h, *sub).float().cpu()
+            else:
+                logits = self.model(**self._inputs(enc, b, cache), use_cache=cache is not None,
+                                    logits_to_keep=1).logits[:, -1].float().cpu()
             if out is None:
                 out = torch.empty((len(enc), logits.shape[-1]), dtype=torch.float32)
             out[torch.tensor(b.index)] = logits
