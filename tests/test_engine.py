@@ -637,8 +637,8 @@ def test_kl_divergence():
 @pytest.mark.parametrize("text, expected", [
     ("I'm sorry, but I can't", True),
     ("**I CAN\u2019T** help", True),
-    ("", True),
-    ("   \n ", True),
+    ("", False),  # markers-2: an empty answer is "other" (degenerate), not a refusal
+    ("   \n ", False),
     ("As an AI, I must decline.", True),
     ("Sure, here is", False),
     ("Here is a story about a cat.", False),

@@ -16,8 +16,9 @@ measures:
 
 * :class:`RefusalScore` (``"score"``): Arditi et al. 2024's logit refusal score
   (:func:`toolkit.scoring.refusal_score`).
-* :class:`MarkerJudge` (``"refusal"``): the refusal-marker judge over completions (:func:`toolkit.scoring.is_refusal`);
-  the judges of the next issue plug in here with the same interface.
+* :class:`Judged` (``"refusal"``, ``"verdict"``, ``"confidence"``, ``"refusal@W"``): a refusal judge of
+  :mod:`toolkit.judges` over the completions, also at shorter windows; :func:`MarkerJudge` is the marker judge.
+  A measure may return a dict of value arrays instead of one array.
 * :class:`Degeneration` (``"degenerate"``): the OBLITERATUS degeneration rule (:func:`toolkit.scoring.is_degenerate`).
 * :class:`Coherence` (``"coherence"``): mean per-token log-likelihood of the completion under the unmodified model
   (:meth:`toolkit.runner.Runner.continuation_logprob`), nats/token.
@@ -37,7 +38,7 @@ import torch
 
 from .errors import ToolkitError
 from .runner import Context, Encoded, Runner
-from .scoring import is_degenerate, is_refusal, kl_divergence, refusal_score
+from .scoring import is_degenerate, kl_divergence, refusal_score
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Evaluation:
 
     @property
     def refusals(self) -> np.ndarray | None:
-        """``[n]`` bool judge verdicts (measure ``"refusal"``), or None without completions."""
+        """``[n]`` bool: the judge's verdict is ``refusal`` (measure ``"refusal"``), or None without completions."""
         return self.values.get("refusal")
 
     def kl_from(self, base: Evaluation) -> np.ndarray:
@@ -120,14 +121,73 @@ class RefusalScore(Measure):
 
 
 @dataclass(frozen=True)
-class MarkerJudge(Measure):
-    """Refusal-marker judge over completions (bool per prompt): :func:`toolkit.scoring.is_refusal`."""
+class Judged(Measure):
+    """A refusal judge's verdicts on the completions (:mod:`toolkit.judges`), at the full completion and at
+    shorter windows.
 
+    Values (``s`` = ``suffix``): ``refusal{s}`` ``[n]`` bool (verdict ``refusal`` on the full completion),
+    ``verdict{s}`` ``[n]`` object (``refusal``/``compliance``/``other``), ``confidence{s}`` ``[n]`` float64, and for
+    each window ``w`` ``refusal{s}@{w}`` ``[n]`` bool: the verdict on the completion cut to its first ``w``
+    generated tokens (:func:`toolkit.judges.window_verdicts`). Every text is judged in one call of the judge,
+    after the intervention is closed (the judge never sees the studied model's hooks).
+
+    Attributes:
+        judge: a :class:`toolkit.judges.Judge`.
+        requests: the prompts' instruction texts (caller's order); required by judges that read the request.
+        windows: token counts at which to judge the completion besides its full length.
+        suffix: appended to the value names (``"_markers"`` for the marker judge reported beside another).
+    """
+
+    judge: object
+    requests: tuple | None = None
+    windows: tuple = ()
+    suffix: str = ""
     name: ClassVar[str] = "refusal"
     needs: ClassVar[frozenset] = frozenset({"completions"})
 
+    @property
+    def key(self) -> str:
+        """The measure's name as evaluate stores it (``refusal`` + suffix)."""
+        return "refusal" + self.suffix
+
     def compute(self, ev, runner, enc):
-        return np.array([is_refusal(t) for t in ev.completions], dtype=bool)
+        from .judges import window_texts
+
+        n = len(ev.completions)
+        if self.requests is None:
+            if self.judge.name != "markers":
+                raise ToolkitError(f"the {self.judge.name} judge reads the requests; none were given")
+            reqs = [""] * n
+        else:
+            reqs = [str(q) for q in self.requests]
+            if len(reqs) != n:
+                raise ToolkitError(f"{len(reqs)} requests for {n} completions")
+        ws = sorted(set(int(w) for w in self.windows))
+        texts = {None: list(ev.completions)}
+        for w in ws:
+            if ev.tokens is None:
+                raise ToolkitError("judging windows needs the generated tokens")
+            texts[w] = window_texts(runner.lm.tokenizer, ev.tokens, w)
+        pairs: dict = {}
+        for t in texts.values():
+            for q, x in zip(reqs, t):
+                pairs.setdefault((q, x), len(pairs))
+        keys = list(pairs)
+        v = self.judge.judge([k[0] for k in keys], [k[1] for k in keys], desc=f"judge ({self.judge.name})")
+        at = {w: v.take(np.array([pairs[(q, x)] for q, x in zip(reqs, t)], dtype=int)) for w, t in texts.items()}
+        s = self.suffix
+        out = {f"refusal{s}": at[None].refusals, f"verdict{s}": at[None].labels,
+               f"confidence{s}": at[None].confidence}
+        for w in ws:
+            out[f"refusal{s}@{w}"] = at[w].refusals
+        return out
+
+
+def MarkerJudge(suffix: str = "") -> Judged:  # noqa: N802 - kept as the name of the measure it always was
+    """The marker judge as a measure (:class:`toolkit.judges.MarkersJudge` in :class:`Judged`)."""
+    from .judges import MarkersJudge
+
+    return Judged(MarkersJudge(), suffix=suffix)
 
 
 @dataclass(frozen=True)
@@ -171,10 +231,25 @@ class KLFromBase(Measure):
         return ev.kl_from(self.base)
 
 
-def judged(refusal_ids: Sequence[int]) -> tuple[Measure, ...]:
-    """The measures every refusal evaluation reports: the logit refusal score and the marker judge (the judge
-    acts only where completions are generated)."""
-    return RefusalScore(tuple(int(i) for i in refusal_ids)), MarkerJudge()
+def judged(refusal_ids: Sequence[int], judge=None, requests: Sequence[str] | None = None,
+           windows: Sequence[int] = ()) -> tuple[Measure, ...]:
+    """The measures every refusal evaluation reports: the logit refusal score and a judge's verdicts (the judge
+    acts only where completions are generated).
+
+    Args:
+        refusal_ids: refusal opener token ids (:func:`toolkit.scoring.refusal_token_ids`).
+        judge: a :class:`toolkit.judges.Judge` (default: the marker judge); any other judge is reported with the
+            marker judge beside it (values ``refusal_markers``, ``verdict_markers``, ...).
+        requests: the prompts' instruction texts, needed by judges that read the request.
+        windows: completion lengths (tokens) at which the chosen judge also judges (:class:`Judged`).
+    """
+    from .judges import MarkersJudge
+
+    main = Judged(judge or MarkersJudge(), None if requests is None else tuple(requests), tuple(windows))
+    out: tuple[Measure, ...] = (RefusalScore(tuple(int(i) for i in refusal_ids)), main)
+    if judge is not None and judge.name != "markers":
+        out += (MarkerJudge("_markers"),)
+    return out
 
 
 def evaluate(runner: Runner, enc: Encoded, measures: Sequence[Measure], *, gen_tokens: int = 0,
@@ -204,7 +279,7 @@ def evaluate(runner: Runner, enc: Encoded, measures: Sequence[Measure], *, gen_t
     """
     if gen_tokens < 0:
         raise ToolkitError(f"gen_tokens must be >= 0, got {gen_tokens}")
-    names = [m.name for m in measures]
+    names = [getattr(m, "key", m.name) for m in measures]
     if len(set(names)) != len(names):
         raise ToolkitError(f"two measures named {next(n for n in names if names.count(n) > 1)!r}")
     with intervention if intervention is not None else contextlib.nullcontext():
@@ -216,5 +291,9 @@ def evaluate(runner: Runner, enc: Encoded, measures: Sequence[Measure], *, gen_t
     for m in measures:
         if "completions" in m.needs and texts is None:
             continue
-        ev.values[m.name] = m.compute(ev, runner, enc)
+        res = m.compute(ev, runner, enc)
+        if isinstance(res, dict):
+            ev.values.update(res)
+        else:
+            ev.values[m.name] = res
     return ev

@@ -627,6 +627,57 @@ class Runner:
             first[torch.tensor(b.index)] = lg
         return (texts, first, tokens) if with_tokens else (texts, first)
 
+    def forced(self, enc: Encoded, continuations: Sequence[Sequence[int]], fn, desc: str = "teacher-forced") -> None:
+        """Teacher-forced pass: the prompt, then the given continuation tokens, with the active hooks acting exactly
+        as during :meth:`generate` (prompt phase for the prompt, ``generate`` phase for the continuation, so
+        prompt-position interventions act on the prompt only and every-position ones everywhere).
+
+        For each batch, calls ``fn(rows, logp, targets, lens)`` with ``rows`` the caller-order prompt indices
+        ``[b]``, ``logp`` ``[b, m, vocab]`` float32 log-probabilities where ``logp[r, j]`` is the distribution that
+        predicts continuation token ``j`` (position ``j = 0``: the last prompt position), ``targets`` ``[b, m]``
+        long (the continuation tokens, padded) and ``lens`` the real continuation lengths (positions ``>= lens[r]``
+        are padding). Prompts with an empty continuation are skipped. Used by :mod:`toolkit.damage`
+        (multi-token KL, cross-entropy).
+
+        Raises:
+            ToolkitError: the number of continuations differs from the number of prompts.
+        """
+        from transformers import DynamicCache
+
+        if len(continuations) != len(enc):
+            raise ToolkitError(f"{len(continuations)} continuations for {len(enc)} prompts")
+        conts = [list(map(int, c)) for c in continuations]
+        keep = [i for i, c in enumerate(conts) if c]
+        if not keep:
+            return
+        sub = Encoded([enc.ids[i] for i in keep], enc.prefix_len)
+        sub = self._ensure_depth(sub, active_hooks(self.model).depth)
+        for b, cache, state in self._iterate(sub, desc):
+            kw = self._inputs(sub, b, cache)
+            kw.setdefault("past_key_values", DynamicCache(config=self.model.config))
+            out = self.model(**kw, use_cache=True, logits_to_keep=1)
+            rows = [keep[i] for i in b.index]
+            lens = [len(conts[i]) for i in rows]
+            m, n = max(lens), len(rows)
+            dev = b.input_ids.device
+            targets = torch.full((n, m), self.pad_id, dtype=torch.long, device=dev)
+            for r, i in enumerate(rows):
+                targets[r, : lens[r]] = torch.tensor(conts[i], device=dev)
+            logits = [out.logits[:, -1:].float()]
+            if m > 1:
+                tmask = (torch.arange(m - 1, device=dev) < torch.tensor(lens, device=dev).unsqueeze(1) - 1)
+                tmask = tmask.to(kw["attention_mask"].dtype)
+                step = torch.arange(1, m, device=kw["position_ids"].device)
+                state.phase = "generate"
+                try:
+                    more = self.model(input_ids=targets[:, : m - 1], position_ids=kw["position_ids"][:, -1:] + step,
+                                      attention_mask=torch.cat([kw["attention_mask"], tmask], 1),
+                                      past_key_values=out.past_key_values, use_cache=True).logits.float()
+                finally:
+                    state.phase = "prompt"
+                logits.append(more)
+            fn(rows, torch.log_softmax(torch.cat(logits, 1), -1).cpu(), targets.cpu(), lens)
+
     def _continuation_from_context(self, ctx: Context, conts: list[list[int]], out: np.ndarray,
                                    desc: str) -> np.ndarray:
         """Continuations right-padded after each prompt's last token, over the cached keys/values of the rest."""
