@@ -10,4 +10,4 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install "torch==2.13.0"
 fi
-"$PY" -m pip install -c constraints.txt -e ".[default-model,judge-model,dev]"
+"$PY" -m pip install -c constraints.txt -e ".[default-model,judge-model,lm-eval,dev]"

@@ -217,7 +217,7 @@ class LLMJudge(Judge):
         ids = []
         for letter, _ in LLM_OPTIONS:
             t = tok(letter, add_special_tokens=False)["input_ids"]
-            if len(t) != 1:
+            if len(t) != 1 or (tok.unk_token_id is not None and t[0] == tok.unk_token_id):
                 raise ToolkitError(f"the judge model's tokenizer has no single token for option {letter!r}",
                                    param="judge_model")
             ids.append(int(t[0]))
@@ -330,10 +330,10 @@ def make_judge(name: str, *, judge_model: str | None = None, dtype: str = "auto"
             raise ToolkitError("the markers judge uses no model", param="judge_model")
         return MarkersJudge()
     if name == "nli":
-        from .judge_nli import NLIJudge
-
         if not judge_model:
             raise ToolkitError("the nli judge needs an NLI model (a Hugging Face id or folder)", param="judge_model")
+        from .judge_nli import NLIJudge
+
         return NLIJudge.load(judge_model, dtype=dtype, device=device, batch_size=batch_size, progress=progress)
     from .default_model import JUDGE_MODEL_ALIAS
     from .models import load_model
