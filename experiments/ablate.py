@@ -10,17 +10,20 @@ import pandas as pd
 from pydantic import Field
 
 from toolkit.checkpoints import check_export_target, check_save_path, export_orthogonalized
+from toolkit.damage import forced_damage, reference_completions
 from toolkit.directions import Direction
 from toolkit.evaluation import evaluate, judged
+from toolkit.judges import parse_windows
 from toolkit.interventions import directional_ablation, orthogonalize_weights
 from toolkit.models import dtype_from_name
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run, reuse_baseline
 
-from .shared import Cli, ModelOptions, RunOptions, command, console, print_summary, summary_row
+from .shared import (Cli, JudgeOptions, ModelOptions, RunOptions, command, console, evaluation_row, judge_columns,
+                     out, print_summary)
 
 
-class AblateConfig(ModelOptions, RunOptions):
+class AblateConfig(ModelOptions, JudgeOptions, RunOptions):
     """The options of ``refusal ablate``."""
 
     direction: Annotated[str, Cli("--direction", "-d")] = Field(
@@ -29,7 +32,17 @@ class AblateConfig(ModelOptions, RunOptions):
     harmless: str = Field("harmless", description="harmless prompt set")
     split: str = Field("test", description="split evaluated: train, val, test or all (files without splits: all)")
     limit: Optional[int] = Field(None, ge=1, description="evaluate only the first N prompts of each set")
-    gen_tokens: int = Field(12, ge=0, description="greedy completion length judged by the refusal markers")
+    gen_tokens: int = Field(12, ge=0, description="greedy completion length judged by the refusal judge")
+    over_refusal: str = Field("borderline", description="prompt set judged for over-refusal (refusals of "
+                              "borderline-but-benign requests) before and after, or none")
+    kl_tokens: int = Field(16, ge=0, description="multi-token KL and cross-entropy: teacher-force the base model's "
+                           "own greedy completions of this many tokens of the harmless prompts (0: off)")
+    capability: bool = Field(True, description="the offline multiple-choice capability check (prompts/"
+                             "capability.jsonl) before and after")
+    lm_eval: Optional[str] = Field(None, description="comma-separated lm-evaluation-harness tasks run on the base and "
+                                   "the ablated model (needs the lm-eval extra; most tasks download data)")
+    lm_eval_include: Optional[Path] = Field(None, description="folder of local lm-eval task YAMLs")
+    lm_eval_limit: Optional[int] = Field(None, ge=1, description="lm-eval items per task")
     baseline: Optional[str] = Field(None, description="reuse the per-prompt baseline of a score run (same model, "
                                     "prompt files, split and --gen-tokens) instead of recomputing it")
     save: Optional[Path] = Field(None, description="write a weight-orthogonalized Hugging Face checkpoint here and "
@@ -43,17 +56,31 @@ class AblateConfig(ModelOptions, RunOptions):
 @command(AblateConfig)
 def ablate(cfg: AblateConfig):
     """Ablate the refusal direction (directional ablation at every layer, all positions) and report harmful and
-    harmless refusal before/after and KL divergence on harmless prompts.
+    harmless refusal before/after by the chosen judge (with the marker judge beside another judge), over-refusal
+    on the borderline set, and damage: first-token KL and multi-token KL on harmless prompts, cross-entropy of the
+    base model's completions, the offline capability check and optionally lm-evaluation-harness tasks.
 
-    Writes runs/ablate/NAME/ with results.csv (per prompt and condition), summary.csv and run.json. With --save,
-    also a weight-orthogonalized checkpoint that plain transformers loads, evaluated as a third condition; it is
-    computed from the source checkpoint's weights and keeps their stored dtype unless --save-dtype says otherwise.
+    Writes runs/ablate/NAME/ with results.csv (per prompt and condition), summary.csv, damage.csv and run.json.
+    With --save, also a weight-orthogonalized checkpoint that plain transformers loads, evaluated as a third
+    condition; it is computed from the source checkpoint's weights and keeps their stored dtype unless
+    --save-dtype says otherwise.
     """
     saved_as = None if cfg.save_dtype == "auto" else dtype_from_name(cfg.save_dtype, "--save-dtype")
+    windows = parse_windows(cfg.windows, cfg.gen_tokens)
     d = Direction.resolve(cfg.direction)
     H = load_prompt_set(cfg.harmful).select(cfg.split).head(cfg.limit)
     B = load_prompt_set(cfg.harmless).select(cfg.split).head(cfg.limit)
-    H, B = distinct_names([H, B])
+    sets = [H, B]
+    if cfg.over_refusal.lower() != "none":
+        sets.append(load_prompt_set(cfg.over_refusal).select(cfg.split).head(cfg.limit))
+    sets = distinct_names(sets)
+    H, B, O = sets[0], sets[1], (sets[2] if len(sets) > 2 else None)
+    cset = None
+    if cfg.capability:
+        from toolkit.capability import load_capability_set
+
+        cset = load_capability_set()
+    lm_tasks = [t.strip() for t in cfg.lm_eval.split(",") if t.strip()] if cfg.lm_eval else []
     if cfg.save is not None:
         check_save_path(cfg.save, overwrite=cfg.replace_save, what="the --save checkpoint")
         if cfg.model and Path(cfg.model).expanduser().is_dir():
@@ -63,34 +90,84 @@ def ablate(cfg: AblateConfig):
         d.check(ses.lm)
         if cfg.save is not None:
             check_export_target(Path(ses.lm.source), cfg.save, overwrite=cfg.replace_save)
+        judge = cfg.open_judge(quiet=cfg.quiet) if cfg.gen_tokens else None
         r = ses.runner
-        eh, eb = r.encode(H.prompts), r.encode(B.prompts)
+        model = ses.lm.model
+        enc = {ps.name: r.encode(ps.prompts) for ps in sets}
+
+        def measures(ps):
+            return judged(ses.refusal_ids, judge, ps.prompts, windows)
+
+        def ablation():
+            return directional_ablation(model, d)
+
         t0 = time.time()
+        base = {}
         if cfg.baseline:
-            base_h = reuse_baseline(cfg.baseline, H, ses.lm, cfg.split, cfg.gen_tokens, cfg.limit)
-            base_b = reuse_baseline(cfg.baseline, B, ses.lm, cfg.split, cfg.gen_tokens, cfg.limit)
-            base_b.logits = r.logits(eb, desc="baseline harmless logits")  # KL needs the full distribution
+            for ps in sets:
+                base[ps.name] = reuse_baseline(cfg.baseline, ps, ses.lm, cfg.split, cfg.gen_tokens, cfg.limit,
+                                               judge=judge.describe() if judge else None)
+            base[B.name].logits = r.logits(enc[B.name], desc="baseline harmless logits")  # KL needs them
         else:
-            base_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=cfg.gen_tokens, desc="baseline harmful")
-            base_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=cfg.gen_tokens, desc="baseline harmless")
+            for ps in sets:
+                base[ps.name] = evaluate(r, enc[ps.name], measures(ps), gen_tokens=cfg.gen_tokens,
+                                         desc=f"baseline {ps.name}")
         run.time("baseline", time.time() - t0)
         t0 = time.time()
-        with directional_ablation(ses.lm.model, d):
-            abl_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=cfg.gen_tokens, desc="ablated harmful")
-            abl_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=cfg.gen_tokens, desc="ablated harmless")
+        abl = {ps.name: evaluate(r, enc[ps.name], measures(ps), gen_tokens=cfg.gen_tokens, intervention=ablation(),
+                                 desc=f"ablated {ps.name}") for ps in sets}
         run.time("ablated", time.time() - t0)
-        conds = [("baseline", H, base_h, None), ("baseline", B, base_b, None),
-                 ("ablated", H, abl_h, kl_or_none(abl_h, base_h)), ("ablated", B, abl_b, abl_b.kl_from(base_b))]
+        conds = [("baseline", ps, base[ps.name], None) for ps in sets]
+        conds += [("ablated", ps, abl[ps.name], kl_or_none(abl[ps.name], base[ps.name])) for ps in sets]
+
+        # damage beyond first-token KL, for the base and the ablated model
+        damage_rows = {"baseline": {"condition": "baseline"}, "ablated": {"condition": "ablated"}}
+        damage_rows["ablated"]["kl_first"] = float(abl[B.name].kl_from(base[B.name]).mean())
+        damage_rows["baseline"]["kl_first"] = 0.0
+        if cfg.kl_tokens:
+            t0 = time.time()
+            toks = base[B.name].tokens
+            if toks is None or cfg.gen_tokens < cfg.kl_tokens:
+                toks = evaluate(r, enc[B.name], [], gen_tokens=cfg.kl_tokens, desc="reference completions").tokens
+            fd = forced_damage(r, enc[B.name], reference_completions(toks, cfg.kl_tokens), ablation,
+                               desc="multi-token KL")
+            sm_fd = fd.summary()
+            damage_rows["ablated"].update(kl_multi=sm_fd["kl_multi"], ce=sm_fd["ce"])
+            damage_rows["baseline"].update(kl_multi=0.0, ce=sm_fd["ce_base"])
+            run.time("multi_token_kl", time.time() - t0)
+        if cset is not None:
+            from toolkit.capability import capability_check
+
+            t0 = time.time()
+            for cond, iv in (("baseline", None), ("ablated", ablation())):
+                res = capability_check(r, cset, intervention=iv, desc=f"capability ({cond})")
+                damage_rows[cond].update(capability=res.accuracy, capability_ci_low=res.ci_low,
+                                         capability_ci_high=res.ci_high, capability_n=res.n)
+            run.time("capability", time.time() - t0)
+        lm_eval_results = {}
+        if lm_tasks:
+            from toolkit.lm_eval_adapter import run_lm_eval
+
+            t0 = time.time()
+            for cond, iv in (("baseline", None), ("ablated", ablation())):
+                res = run_lm_eval(ses.lm, lm_tasks, intervention=iv, limit=cfg.lm_eval_limit,
+                                  include_path=cfg.lm_eval_include, batch_size=cfg.batch_size)
+                lm_eval_results[cond] = res.describe()
+                for task, metrics in res.metrics.items():
+                    for k, v in metrics.items():
+                        if not k.endswith("stderr"):
+                            damage_rows[cond][f"lm_eval:{task}:{k}"] = v
+            run.time("lm_eval", time.time() - t0)
+
         ortho_info = None
         if cfg.save is not None:
             t0 = time.time()
-            ortho_info = orthogonalize_weights(ses.lm.model, d)
-            orth_h = evaluate(r, eh, judged(ses.refusal_ids), gen_tokens=cfg.gen_tokens,
-                              desc="orthogonalized harmful")
-            orth_b = evaluate(r, eb, judged(ses.refusal_ids), gen_tokens=0, desc="orthogonalized harmless")
-            conds += [("orthogonalized", H, orth_h, kl_or_none(orth_h, base_h)),
-                      ("orthogonalized", B, orth_b, orth_b.kl_from(base_b))]
-            ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl_b.logits).abs().max())
+            ortho_info = orthogonalize_weights(model, d)
+            orth_h = evaluate(r, enc[H.name], measures(H), gen_tokens=cfg.gen_tokens, desc="orthogonalized harmful")
+            orth_b = evaluate(r, enc[B.name], measures(B), gen_tokens=0, desc="orthogonalized harmless")
+            conds += [("orthogonalized", H, orth_h, kl_or_none(orth_h, base[H.name])),
+                      ("orthogonalized", B, orth_b, orth_b.kl_from(base[B.name]))]
+            ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl[B.name].logits).abs().max())
             ortho_info.update(export_orthogonalized(Path(ses.lm.source), d.vector, cfg.save, dtype=saved_as,
                                                     overwrite=cfg.replace_save))
             run.time("orthogonalized", time.time() - t0)
@@ -100,13 +177,19 @@ def ablate(cfg: AblateConfig):
                 rows.append({"set": ps.name, "id": rec["id"], "category": rec["category"], "condition": cond,
                              "score": float(ev.scores[i]),
                              "refusal": None if ev.refusals is None else bool(ev.refusals[i]),
+                             **judge_columns(ev, i),
                              "kl": None if kl is None else float(kl[i]),
                              "completion": None if ev.completions is None else ev.completions[i]})
-            summary.append(summary_row(ps.name, ps.split, cond, ev.refusals, ev.scores, kl))
+            summary.append(evaluation_row(ps.name, ps.split, cond, ev, kl))
         sm = pd.DataFrame(summary)
+        dm = pd.DataFrame(list(damage_rows.values()))
         run.write_csv("results.csv", pd.DataFrame(rows))
         run.write_csv("summary.csv", sm)
-        results = {"summary": sm.to_dict(orient="records"), "direction": d.describe()}
+        run.write_csv("damage.csv", dm)
+        results = {"summary": sm.to_dict(orient="records"), "damage": dm.to_dict(orient="records"),
+                   "direction": d.describe()}
+        if lm_eval_results:
+            results["lm_eval"] = lm_eval_results
         if ortho_info is not None:
             results["orthogonalized"] = {"saved_to": str(cfg.save),
                                          "untied_lm_head": ortho_info["untied_lm_head"],
@@ -116,16 +199,46 @@ def ablate(cfg: AblateConfig):
                                          "compute_dtype": ses.lm.describe()["dtype"],
                                          "source_stored_dtype": ortho_info["stored_dtype"],
                                          "saved_dtype": ortho_info["saved_dtype"]}
-        final = run.finish(model=ses.lm.describe(), prompt_sets=[H.describe(), B.describe()], seed=cfg.seed,
-                           params=cfg.params(direction=d.source, refusal_token_ids=ses.refusal_ids),
-                           results=results)
+        damage = {"kl_first": {"set": B.name, "position": "last prompt token"},
+                  "kl_multi": {"set": B.name, "tokens": cfg.kl_tokens,
+                               "reference": "the base model's greedy completions"} if cfg.kl_tokens else None,
+                  "capability": cset.describe() if cset is not None else None,
+                  "lm_eval": {"tasks": lm_tasks, "limit": cfg.lm_eval_limit} if lm_tasks else None,
+                  "over_refusal": O.describe() if O is not None else None}
+        final = run.finish(model=ses.lm.describe(), prompt_sets=[ps.describe() for ps in sets], seed=cfg.seed,
+                           params=cfg.params(direction=d.source, refusal_token_ids=ses.refusal_ids,
+                                             windows=list(windows)),
+                           results=results, judge=judge.describe() if judge is not None else None, damage=damage)
     print_summary(sm, f"ablation of {d.source} (layer {d.layer}, pos {d.position}): {final}")
+    print_damage(dm)
     if ortho_info is not None:
         console.print(f"saved weight-orthogonalized model to {cfg.save} ({ortho_info['saved_dtype']}; "
                       f"untied LM head: "
                       f"{ortho_info['untied_lm_head']}; "
                       f"max |logit difference| vs hook ablation {ortho_info['max_abs_logit_diff_vs_hooks']:.2e})")
     console.print(f"wrote {final}")
+
+
+def print_damage(dm: pd.DataFrame) -> None:
+    """Print the damage table (one row per condition)."""
+    from rich.table import Table
+
+    t = Table(title="damage (harmless prompts; capability: multiple-choice accuracy)", title_justify="left")
+    cols = [c for c in dm.columns if not c.startswith("capability_")]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "condition" else "right")
+    for _, row in dm.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            if c == "capability" and not pd.isna(v):
+                cells.append(f"{v:.3f} [{row['capability_ci_low']:.2f}, {row['capability_ci_high']:.2f}]")
+            elif isinstance(v, float):
+                cells.append("-" if pd.isna(v) else f"{v:.4f}")
+            else:
+                cells.append(str(v))
+        t.add_row(*cells)
+    out.print(t)
 
 
 def kl_or_none(ev, base):

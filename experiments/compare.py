@@ -8,7 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from toolkit.errors import ToolkitError
-from toolkit.runs import Run, load_run, read_run_table
+from toolkit.runs import Run, check_same_judge, judge_key, judge_of, load_run, read_run_table
 
 from .shared import Cli, RunOptions, command, console, print_summary
 
@@ -22,18 +22,22 @@ class CompareConfig(RunOptions):
     # not from $REFUSAL_RUNS: that variable names the runs folder
     runs: Annotated[list[str], Cli(argument=True, env=False)] = Field(
         ..., description="run folders (runs/<command>/<name>) to put side by side")
+    allow_mixed_judges: bool = Field(False, description="put runs judged by different refusal judges side by side "
+                                     "(the table then names each row's judge)")
 
 
 @command(CompareConfig)
 def compare(cfg: CompareConfig):
     """Put the summaries of several score, extract or ablate runs in one table: refusal rate with Wilson 95 %
-    interval, mean refusal score and KL per set and condition.
+    interval, mean refusal score and KL per set and condition. Runs judged by different refusal judges (name,
+    version or judge model) are refused unless --allow-mixed-judges is given.
 
     Writes runs/compare/NAME/comparison.csv and run.json.
     """
-    frames, sources = [], []
+    frames, sources, metas = [], [], []
     for spec in cfg.runs:
         folder, meta = load_run(spec)
+        metas.append((str(folder), meta))
         if meta.get("command") not in COMPARABLE:
             raise ToolkitError(f"{folder} is a '{meta.get('command')}' run; compare reads {', '.join(COMPARABLE)} "
                                "runs (their summary.csv has one row per set and condition)")
@@ -53,9 +57,12 @@ def compare(cfg: CompareConfig):
                     raise ToolkitError(f"{path}: column {col!r} holds values that are not numbers") from None
         df.insert(0, "run", f"{meta['command']}/{meta.get('name', folder.name)}")
         df.insert(1, "model", (meta.get("model") or {}).get("id"))
+        df.insert(2, "judge", judge_key(judge_of(meta)))
         frames.append(df)
         sources.append({"run": str(folder), "command": meta["command"], "model": meta.get("model"),
+                        "judge": judge_of(meta),
                         "prompt_sets": meta.get("prompt_sets"), "git_commit": meta.get("git_commit")})
+    check_same_judge(metas, cfg.allow_mixed_judges)
     table = pd.concat(frames, ignore_index=True)
     for col in ("n", "refusal_rate", "ci_low", "ci_high", "mean_score", "mean_kl"):
         if col not in table:

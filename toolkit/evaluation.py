@@ -78,6 +78,14 @@ class Evaluation:
         """``[n]`` bool: the judge's verdict is ``refusal`` (measure ``"refusal"``), or None without completions."""
         return self.values.get("refusal")
 
+    @property
+    def noncompliance(self) -> np.ndarray | None:
+        """``[n]`` bool: the judge's verdict is not ``compliance`` (a refusal, or ``other``: off-topic, evasive,
+        empty or degenerate), i.e. the model did not do what was asked; None without completions."""
+        if "verdict" in self.values:
+            return self.values["verdict"] != "compliance"
+        return self.refusals
+
     def kl_from(self, base: Evaluation) -> np.ndarray:
         """``KL(base || self)`` per prompt at the last prompt position, nats ``[n]`` float64.
 

@@ -236,8 +236,13 @@ class Run:
         self.timings[key] = round(float(seconds), 3)
 
     def finish(self, *, model: dict | None, prompt_sets: list[dict], seed: int | None, params: dict,
-               results: dict) -> Path:
+               results: dict, judge: dict | None = None, damage: dict | None = None) -> Path:
         """Write ``run.json`` and move the run into place; an existing run is replaced only if ``force``.
+
+        Args:
+            judge: the refusal judge's record (:meth:`toolkit.judges.Judge.describe`: name, version, model, hash),
+                for runs that judge completions; stored as ``run.json["judge"]``.
+            damage: the damage measures computed and their settings, stored as ``run.json["damage"]``.
 
         Returns:
             The final run folder.
@@ -261,6 +266,10 @@ class Run:
             "params": params,
             "results": results,
         }
+        if judge is not None:
+            doc["judge"] = judge
+        if damage is not None:
+            doc["damage"] = damage
         self.write_json("run.json", doc)
         (self.dir / OWNER_FILE).unlink(missing_ok=True)
         old = None
@@ -399,7 +408,7 @@ def load_run(path: str | Path, command: str | None = None) -> tuple[Path, dict]:
     return p, meta
 
 
-def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit: int | None):
+def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit: int | None, judge: dict | None = None):
     """Per-prompt baseline of prompt set ``ps`` read from a score run (``scores.csv``) instead of recomputed,
     checked for the same model (hash), prompt file (hash), split, limit and completion length.
 
@@ -407,6 +416,8 @@ def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit: int | 
         spec: the score run (folder or name).
         ps: a :class:`toolkit.prompts.PromptSet`; lm: the :class:`toolkit.models.LoadedModel` evaluated.
         split, gen_tokens, limit: this run's settings, which must equal the score run's.
+        judge: this run's judge record (:meth:`toolkit.judges.Judge.describe`); the score run's must be the same
+            judge (name, version, model hash).
 
     Returns:
         :class:`toolkit.evaluation.Evaluation` with ``logits=None``.
@@ -428,6 +439,9 @@ def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit: int | 
         raise ToolkitError(f"baseline run {folder} used split {params.get('split')}, `gen_tokens` "
                            f"{params.get('gen_tokens')}, `limit` {params.get('limit')}; this run uses {split}, "
                            f"{gen_tokens}, {limit}")
+    if judge is not None and judge_key(judge_of(meta)) != judge_key(judge):
+        raise ToolkitError(f"baseline run {folder} was judged by {judge_key(judge_of(meta))}, this run by "
+                           f"{judge_key(judge)}; their verdicts are not comparable")
     sets = {p.get("name"): p for p in meta.get("prompt_sets", [])}
     if ps.name not in sets or sets[ps.name].get("sha256") != ps.sha256:
         raise ToolkitError(f"baseline run {folder} has no scores for prompt set {ps.name} with this file's hash")
@@ -447,5 +461,58 @@ def reuse_baseline(spec: str, ps, lm, split: str, gen_tokens: int, limit: int | 
     scores = pd.to_numeric(df["score"], errors="coerce").to_numpy(dtype=float)
     if not np.isfinite(scores).all():
         raise ToolkitError(f"{path}: a score of {ps.name} is missing or not a number")
-    return Evaluation(None, df["completion"].fillna("").astype(str).tolist(),
-                      values={"score": scores, "refusal": refusals})
+    values = {"score": scores, "refusal": refusals}
+    for c in df.columns:  # the score run's judge columns (verdict, confidence, markers beside, windows)
+        if c.startswith(("refusal_", "refusal@")):
+            values[c] = df[c].map(lambda v: str(v) == "True").to_numpy()
+        elif c.startswith("verdict"):
+            values[c] = df[c].fillna("").astype(str).to_numpy(dtype=object)
+        elif c.startswith("confidence"):
+            values[c] = pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float)
+    return Evaluation(None, df["completion"].fillna("").astype(str).tolist(), values=values)
+
+
+#: what a run made before judges were recorded was judged by: the binary marker judge of version 1
+LEGACY_JUDGE = {"name": "markers", "version": "markers-1", "model": None, "model_hash": None}
+
+
+def judge_of(meta: dict) -> dict | None:
+    """The judge record of a parsed ``run.json``: its ``judge`` field; :data:`LEGACY_JUDGE` for score, extract,
+    ablate, steer and dose-response runs written before judges were recorded; None for runs that judge nothing."""
+    j = meta.get("judge")
+    if isinstance(j, dict):
+        return j
+    if meta.get("command") in ("score", "extract", "ablate", "steer", "dose-response"):
+        return LEGACY_JUDGE
+    return None
+
+
+def judge_key(judge: dict | None) -> str:
+    """A judge record as one comparable text: ``name version [model hash prefix]``."""
+    if judge is None:
+        return "none"
+    h = judge.get("model_hash")
+    return f"{judge.get('name')} {judge.get('version')}" + (f" [{str(h)[:12]}]" if h else "")
+
+
+def check_same_judge(metas: list[tuple[str, dict]], allow: bool = False) -> list[str]:
+    """Refuse to put side by side runs whose refusal verdicts come from different judges.
+
+    Args:
+        metas: ``(label, parsed run.json)`` per run.
+        allow: accept mixed judges (the caller then shows each row's judge).
+
+    Returns:
+        The judge key (:func:`judge_key`) per run.
+
+    Raises:
+        ToolkitError: two runs that judge completions used different judges (name, version or model) and
+            ``allow`` is false.
+    """
+    keys = [judge_key(judge_of(m)) for _, m in metas]
+    judged = [(label, k) for (label, m), k in zip(metas, keys) if judge_of(m) is not None]
+    if not allow and len({k for _, k in judged}) > 1:
+        (la, ka), (lb, kb) = judged[0], next((x for x in judged if x[1] != judged[0][1]))
+        raise ToolkitError(f"{la} was judged by {ka} but {lb} by {kb}: their refusal rates are not comparable; "
+                           "re-judge one (`refusal judge`) or accept the mix with `allow_mixed_judges`")
+    return keys

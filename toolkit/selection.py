@@ -20,8 +20,10 @@ On two CPU cores that is hours for a 24-layer model, so the search here is stage
    the KL filter or ``max_full`` have been tried; then Arditi's induce filter.
 4. ``judge`` (``select_by="judge"``): the logit score ranks candidates poorly on some models (a low ``I``/``As``
    probability does not mean the model complies), so the ``judge_top`` survivors with the lowest ``bypass`` are
-   ranked by the marker judge's refusal rate on short greedy completions of the harmful validation prompts
-   (generated in the bypass pass itself), ties broken by ``bypass``. With ``select_by="score"`` the lowest
+   ranked by the marker judge's non-compliance rate (verdict refusal or other: the model did not do what was
+   asked, so a direction whose ablation yields degenerate text does not pass for a bypass) on short greedy
+   completions of the harmful validation prompts (generated in the bypass pass itself), ties broken by
+   ``bypass``. The training filter and the screening set use the same non-compliance. With ``select_by="score"`` the lowest
    ``bypass`` wins, as in the paper.
 """
 
@@ -129,7 +131,7 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
                       desc="baseline harmful val")
     base_b = evaluate(runner, harmless_val, judged(refusal_ids), desc="baseline harmless val")
     t["baseline"] = time.time() - t0
-    refused = np.flatnonzero(base_h.refusals)
+    refused = np.flatnonzero(base_h.noncompliance)
     if len(refused) == 0:
         raise ToolkitError("the model refuses none of the harmful validation prompts; nothing to select on")
     screen_idx = refused[: cfg.screen_n]
@@ -189,8 +191,8 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
         # With the judge, the bypass pass is a generation: its first step gives the bypass scores, and the
         # completions give the judged refusal rate, so no separate judge pass is needed later.
         ev_h = ablated(harmful_val, i, cfg.judge_tokens if cfg.select_by == "judge" else 0, desc=f"bypass {n_tried}")
-        if ev_h.refusals is not None:
-            df.at[i, "judge_refusal"] = float(ev_h.refusals.mean())
+        if ev_h.noncompliance is not None:
+            df.at[i, "judge_refusal"] = float(ev_h.noncompliance.mean())
         ev_i = evaluate(runner, harmless_val, judged(refusal_ids), desc=f"induce {n_tried}",
                         intervention=activation_addition(runner.model, dirs[li, pi].float(),
                                                          [int(df.at[i, "layer"])], alpha=1.0))
@@ -226,7 +228,7 @@ def select_direction(runner: Runner, dirs: torch.Tensor, layers: list[int], posi
     df.at[best, "status"] = "chosen"
     chosen = (int(df.at[best, "layer"]), int(df.at[best, "pos"]))
     baseline = {
-        "harmful_val_refusal": float(base_h.refusals.mean()),
+        "harmful_val_refusal": float(base_h.noncompliance.mean()),
         "harmful_val_score": float(base_h.scores.mean()),
         "harmless_val_score": float(base_b.scores.mean()),
         "screen_prompts": int(len(screen_idx)),
@@ -295,7 +297,7 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
     with runner.capture(len(harmless), layers, ["resid_pre"], positions) as acts_b:
         ev_b = evaluate(runner, harmless, judged(refusal_ids), desc="harmless train")
     if filter_by == "judge":
-        keep_h = np.flatnonzero(ev_h.refusals)
+        keep_h = np.flatnonzero(ev_h.noncompliance)
     elif filter_by == "score":
         keep_h = np.flatnonzero(ev_h.scores > 0)
     else:
@@ -307,4 +309,4 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
     mh = acts_h["resid_pre"][torch.as_tensor(keep_h)].double().mean(0)
     mb = acts_b["resid_pre"][torch.as_tensor(keep_b)].double().mean(0)
     return Candidates(mh - mb, layers, positions, keep_h.tolist(), keep_b.tolist(),
-                      ev_h.refusals, ev_h.scores, ev_b.scores, mh, mb)
+                      ev_h.noncompliance, ev_h.scores, ev_b.scores, mh, mb)

@@ -217,6 +217,40 @@ class ModelOptions(CommandConfig):
                             self.seed, self.device_map)
 
 
+class JudgeOptions(CommandConfig):
+    """The options of every command that judges completions: which refusal judge, its model, and the windows
+    (completion lengths) at which it also judges."""
+
+    judge: Literal["markers", "llm", "nli", "ensemble"] = Field(
+        "markers", description="refusal judge: markers (phrase list), llm (a local instruction model reads request "
+        "and response), nli (zero-shot NLI model), ensemble (markers' refusals, else llm); other judges are "
+        "reported with the markers beside them")
+    judge_model: Optional[str] = Field(
+        None, description="model of the llm/ensemble judge [default: the offline Qwen2.5-Coder-1.5B-Instruct "
+        "Q4_K_M] or of the nli judge (Hugging Face id or folder; required)")
+    judge_batch_size: int = Field(8, ge=1, description="pairs per forward pass of the judge model")
+    windows: Optional[str] = Field(
+        None, description="comma-separated completion lengths (tokens) at which the judge also judges each "
+        "completion, to show whether the completion was long enough [default: a quarter, half and all of "
+        "--gen-tokens]")
+
+    def open_judge(self, *, dtype: str = "auto", device: str = "auto", quiet: bool = False):
+        """Build the chosen judge (:func:`toolkit.judges.make_judge`), loading its model if it has one."""
+        import sys
+
+        from toolkit.judges import make_judge
+
+        from .output import console
+
+        with console.status(f"loading the {self.judge} judge"):
+            j = make_judge(self.judge, judge_model=self.judge_model, dtype=dtype, device=device,
+                           batch_size=self.judge_batch_size, progress=not quiet and sys.stderr.isatty())
+        d = j.describe()
+        console.print(f"judge {d['name']} ({d['version']}" + (f", model {d['model']}" if d.get("model") else "")
+                      + ")", highlight=False)
+        return j
+
+
 class RunOptions(CommandConfig):
     """The options of every command that writes a run folder."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -49,6 +50,44 @@ def summary_row(set_name: str, split: str | None, condition: str, refusals, scor
         row.update({"n": len(scores), "refusals": None, "refusal_rate": None, "ci_low": None, "ci_high": None})
     row["mean_score"] = float(pd.Series(scores).mean())
     row["mean_kl"] = float(pd.Series(kl).mean()) if kl is not None else None
+    return row
+
+
+def judge_columns(ev, i: int) -> dict:
+    """The per-prompt judge columns of prompt ``i`` of an :class:`toolkit.evaluation.Evaluation`: ``refusal``,
+    ``verdict``, ``confidence``, the marker judge beside another (``refusal_markers``) and each window's verdict
+    (``refusal@W``); empty where nothing was generated."""
+    row = {}
+    for key in sorted(ev.values, key=_window_order):
+        if key.startswith(("refusal", "verdict", "confidence")):
+            v = ev.values[key][i]
+            row[key] = v if isinstance(v, str) else (bool(v) if key.startswith("refusal") else float(v))
+    return row
+
+
+def _window_order(key: str):
+    base, _, w = key.partition("@")
+    return (base, int(w) if w.isdigit() else 10 ** 9)
+
+
+def evaluation_row(set_name: str, split: str | None, condition: str, ev, kl=None) -> dict:
+    """:func:`summary_row` of an evaluation, plus the judge's ``other_rate`` (verdict ``other``: off-topic,
+    evasive, empty or degenerate), the marker judge's rate beside another judge (``refusal_rate_markers``), the
+    refusal rate at each window (``refusal_rate@W``) and ``window_changed``: the share of prompts whose verdict
+    at the longest window differs from that at the next shorter one (near 0: a longer completion would likely
+    change little)."""
+    row = summary_row(set_name, split, condition, ev.refusals, ev.values["score"], kl)
+    if ev.refusals is None:
+        return row
+    if "verdict" in ev.values:
+        row["other_rate"] = float(np.mean(ev.values["verdict"] == "other"))
+    if "refusal_markers" in ev.values:
+        row["refusal_rate_markers"] = float(np.mean(ev.values["refusal_markers"]))
+    ws = sorted(int(k.split("@")[1]) for k in ev.values if k.startswith("refusal@"))
+    for w in ws:
+        row[f"refusal_rate@{w}"] = float(np.mean(ev.values[f"refusal@{w}"]))
+    if len(ws) > 1:
+        row["window_changed"] = float(np.mean(ev.values[f"refusal@{ws[-1]}"] != ev.values[f"refusal@{ws[-2]}"]))
     return row
 
 
