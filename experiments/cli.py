@@ -15,6 +15,7 @@ from .extract import extract
 from .patch import patch
 from .geometry import geometry
 from .imprint import imprint_cmd
+from .judge import judge
 from .plot_residuals import plot_residuals
 from .score import score
 from .stats import stats_app
@@ -59,6 +60,7 @@ app.command("score")(score)
 app.command("extract")(extract)
 app.command("ablate")(ablate)
 app.command("compare")(compare)
+app.command("judge")(judge)
 app.add_typer(stats_app, name="stats")
 app.command("steer")(steer)
 app.command("dose-response")(dose_response)

@@ -13,6 +13,7 @@ from pydantic import Field
 from toolkit.directions import Direction
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import Coherence, Degeneration, evaluate, judged
+from toolkit.judges import parse_windows
 from toolkit.index_spec import LayerSpec, PositionSpec, check_site
 from toolkit.interventions import activation_addition
 from toolkit.prompts import distinct_names, load_prompt_set
@@ -20,11 +21,11 @@ from toolkit.runs import Run
 from toolkit.steering import parse_alphas, scale_value
 from toolkit.steering_summary import fit_curves, summarise_doses
 
-from .shared import (DirectionSpec, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command,
-                     console, out, sweep_bar)
+from .shared import (DirectionSpec, JudgeOptions, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command,
+                     console, judge_columns, out, sweep_bar)
 
 
-class DoseResponseConfig(ModelOptions, RunOptions):
+class DoseResponseConfig(ModelOptions, JudgeOptions, RunOptions):
     """``refusal dose-response``'s options."""
 
     direction: DirectionSpec = Field(..., description="runs/extract/NAME (or NAME) or a direction file (e.g. "
@@ -69,6 +70,8 @@ def dose_response(cfg: DoseResponseConfig):
     sets = list(zip([r for r, _ in sets], distinct_names([ps for _, ps in sets])))
     with Run("dose-response", cfg.name, cfg.force) as run:
         ses = cfg.open_session()
+        judge = cfg.open_judge(quiet=cfg.quiet)
+        windows = parse_windows(cfg.windows, cfg.gen_tokens)
         r, lm = ses.runner, ses.lm
         d.check(lm)
         (layer,) = layer_spec.resolve(lm.n_layers)
@@ -95,14 +98,16 @@ def dose_response(cfg: DoseResponseConfig):
                 for (role, ps), enc, cctx in zip(sets, encs, coh):
                     steering = (activation_addition(lm.model, vec, [layer], alpha=a, positions=pos, site=site)
                                 if a != 0 else None)
-                    res = evaluate(r, enc, [*judged(ses.refusal_ids), Degeneration(), Coherence(cctx)],
+                    res = evaluate(r, enc, [*judged(ses.refusal_ids, judge, ps.prompts, windows), Degeneration(),
+                                            Coherence(cctx)],
                                    gen_tokens=cfg.gen_tokens, intervention=steering, desc="dose-response")
                     v = {k: res.get(k) for k in ("refusal", "degenerate", "coherence")}
                     for i, rec in enumerate(ps.records):
                         rows.append({"alpha": a, "set": ps.name, "role": role, "id": rec["id"],
                                      "score": float(res.scores[i]), "refusal": bool(v["refusal"][i]),
                                      "degenerate": bool(v["degenerate"][i]),
-                                     "coherence": float(v["coherence"][i]), "completion": res.completions[i]})
+                                     "coherence": float(v["coherence"][i]), **judge_columns(res, i),
+                                     "completion": res.completions[i]})
                     bar.update(1)
         run.time("sweep", time.time() - t0)
         df = pd.DataFrame(rows)
@@ -123,7 +128,7 @@ def dose_response(cfg: DoseResponseConfig):
         final = run.finish(model=lm.describe(), prompt_sets=[ps.describe() | {"role": role} for role, ps in sets],
                            seed=cfg.seed, params=cfg.params(direction=d.source, layer=layer, site=site,
                                                             refusal_token_ids=ses.refusal_ids),
-                           results=results)
+                           results=results, judge=judge.describe())
     print_dose(summary, fits, ti)
     console.print(f"wrote {final}")
 

@@ -16,12 +16,13 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation import Coherence, Degeneration, Evaluation, evaluate, judged
 from toolkit.index_spec import LayerSpec, PositionSpec, check_site
 from toolkit.interventions import activation_addition
+from toolkit.judges import parse_windows
 from toolkit.prompts import PromptSet, distinct_names, load_prompt_set
 from toolkit.runs import Run
 from toolkit.steering import dial_direction, hash_split, parse_alphas, random_directions, scale_value
 from toolkit.steering_summary import band_table, monotonicity, summarise
 
-from .shared import (Cli, FiniteFloat, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command,
+from .shared import (Cli, FiniteFloat, JudgeOptions, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command,
                      console, out, sweep_bar)
 
 
@@ -34,7 +35,7 @@ class Unit:
     sl: slice | None = None
 
 
-class SteerConfig(ModelOptions, RunOptions):
+class SteerConfig(ModelOptions, JudgeOptions, RunOptions):
     """``refusal steer``'s options."""
 
     direction: Annotated[Optional[str], Cli("--direction", "-d")] = Field(
@@ -77,6 +78,7 @@ def steer(cfg: SteerConfig):
         raise ToolkitError("give exactly one of `direction` or `learn`")
     alphas = parse_alphas(cfg.alpha)
     limit, seed, top_k, gen_tokens, random = cfg.limit, cfg.seed, cfg.top_k, cfg.gen_tokens, cfg.random
+    windows = parse_windows(cfg.windows, gen_tokens)
     orthogonal = random if cfg.orthogonal is None else cfg.orthogonal
     layer_spec = LayerSpec.parse(cfg.layers)
     pos_spec = PositionSpec.parse(cfg.positions)
@@ -107,6 +109,7 @@ def steer(cfg: SteerConfig):
 
     with Run("steer", cfg.name, cfg.force) as run:
         ses = cfg.open_session()
+        judge = cfg.open_judge(quiet=cfg.quiet) if gen_tokens else None
         r, lm = ses.runner, ses.lm
         if d is not None:
             d.check(lm)
@@ -132,7 +135,7 @@ def steer(cfg: SteerConfig):
         # baseline: one pass, reading the residual at the steered layers (post-instruction positions)
         t0 = time.time()
         coh_ctx = r.context(enc, 1, desc="prompt cache") if gen_tokens > 0 else None
-        measures = [*judged(ses.refusal_ids), Degeneration(), Coherence(coh_ctx)]
+        measures = [*judged(ses.refusal_ids, judge, allp, windows), Degeneration(), Coherence(coh_ctx)]
         with r.capture(len(allp), layer_list, [site], post) as acts:
             base = evaluate(r, enc, measures, gen_tokens=gen_tokens, desc="baseline")
         a = acts[site]  # [n, n_layers, n_post, d]
@@ -225,7 +228,7 @@ def steer(cfg: SteerConfig):
         final = run.finish(model=lm.describe(), prompt_sets=psets, seed=seed,
                            params=cfg.params(direction=d.source if d is not None else None, layers=layer_list,
                                              site=site, refusal_token_ids=ses.refusal_ids),
-                           results=results)
+                           results=results, judge=judge.describe() if judge is not None else None)
     print_band(band, mono)
     console.print(f"wrote {final}")
 
@@ -233,6 +236,8 @@ def steer(cfg: SteerConfig):
 def _rows(res: Evaluation, u: Unit, kind: str, idx: int, dseed, layer: int, site: str, positions: str,
           alpha: float, scale: float) -> list[dict]:
     """One results.csv row per prompt of unit ``u`` from the evaluation of the joint encoding."""
+    from .shared import judge_columns
+
     out_rows = []
     col = {name: res.get(name) for name in ("refusal", "degenerate", "coherence")}
     for j, rec in enumerate(u.ps.records):
@@ -243,6 +248,7 @@ def _rows(res: Evaluation, u: Unit, kind: str, idx: int, dseed, layer: int, site
                          "refusal": None if col["refusal"] is None else bool(col["refusal"][i]),
                          "degenerate": None if col["degenerate"] is None else bool(col["degenerate"][i]),
                          "coherence": None if col["coherence"] is None else float(col["coherence"][i]),
+                         **judge_columns(res, i),
                          "completion": None if res.completions is None else res.completions[i]})
     return out_rows
 
