@@ -15,6 +15,7 @@ from .extract import extract
 from .patch import patch
 from .geometry import geometry
 from .imprint import imprint_cmd
+from .judge_eval import judge_eval
 from .plot_residuals import plot_residuals
 from .score import score
 from .stats import stats_app
@@ -67,6 +68,7 @@ app.command("cones")(cones)
 app.command("geometry")(geometry)
 app.command("imprint")(imprint_cmd)
 app.command("plot-residuals")(plot_residuals)
+app.command("judge-eval")(judge_eval)
 
 
 def main() -> None:
