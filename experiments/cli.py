@@ -16,6 +16,7 @@ from .patch import patch
 from .geometry import geometry
 from .imprint import imprint_cmd
 from .judge import judge
+from .judge_eval import judge_eval
 from .plot_residuals import plot_residuals
 from .score import score
 from .stats import stats_app
@@ -69,6 +70,7 @@ app.command("cones")(cones)
 app.command("geometry")(geometry)
 app.command("imprint")(imprint_cmd)
 app.command("plot-residuals")(plot_residuals)
+app.command("judge-eval")(judge_eval)
 
 
 def main() -> None:
