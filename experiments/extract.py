@@ -14,6 +14,7 @@ from toolkit.directions import DirectionSet
 from toolkit.errors import ToolkitError
 from toolkit.index_spec import LayerSpec, PositionSpec
 from toolkit.prompts import distinct_names, load_prompt_set
+from toolkit.judges import MarkersJudge
 from toolkit.runs import Run
 from toolkit.selection import SelectionConfig, build_candidates, select_direction
 from toolkit.stats import rate_ci
@@ -141,7 +142,7 @@ def extract(cfg: ExtractConfig):
                            seed=cfg.seed, params=cfg.params(induce_min=sel_cfg.induce_min, layers=list(cands.layers),
                                                             positions=list(cands.positions),
                                                             refusal_token_ids=ses.refusal_ids),
-                           results=results)
+                           results=results, judge=MarkersJudge().describe() | {"counts": "noncompliance"})
     c = results["chosen"]
     out.print(f"chosen direction: layer {layer}, position {pos}, norm {c['norm']:.2f}; val bypass score "
               f"{c['bypass']:.2f}, induce {c['induce']:.2f}, KL {c['kl']:.3f}, judged refusal "

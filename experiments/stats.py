@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolkit.errors import ToolkitError
-from toolkit.runs import TEXT_COLUMNS, Run, load_run, read_run_table
+from toolkit.runs import TEXT_COLUMNS, Run, check_same_judge, load_run, read_run_table
 from toolkit.stats import (CORRECTIONS, adjust_pvalues, aggregate_seeds, as_float, mcnemar_exact, normalize_key,
                            paired_ttest, random_control, welch_ttest)
 
@@ -141,6 +141,7 @@ class SeedsConfig(RunOptions):
     file: str = Field("summary.csv", description="table aggregated in each run (e.g. summary.csv or results.csv)")
     keys: Optional[str] = Field(None, description="comma-separated columns identifying a row across runs [default: "
                                 "the text columns plus alpha, layer, direction_index, part]")
+    allow_mixed_judges: bool = Field(False, description="aggregate runs judged by different refusal judges")
 
 
 @stats_app.command("seeds")
@@ -163,6 +164,7 @@ def seeds(cfg: SeedsConfig):
         if m.get("command") != first.get("command"):
             raise ToolkitError(f"runs are of different commands: {_label(first)} is '{first.get('command')}', "
                                f"{_label(m)} is '{m.get('command')}'")
+    check_same_judge([(str(f), m) for f, m in loaded], cfg.allow_mixed_judges)
     seen: dict = {}
     for (folder, m) in loaded:
         s = m.get("seed")
@@ -303,6 +305,7 @@ class TtestConfig(RunOptions):
     set: Optional[str] = Field(None, description="only prompts of this set")
     welch: bool = Field(False, description="unpaired Welch t-test instead of pairing prompts")
     by: Optional[str] = Field(None, description="one test per value of this column, p-values adjusted")
+    allow_mixed_judges: bool = Field(False, description="compare runs judged by different refusal judges")
     correction: Correction = Field("holm", description=CORRECTION_HELP)
 
 
@@ -319,6 +322,7 @@ def ttest(cfg: TtestConfig):
     run_a, run_b, metric, by, set_name, welch = cfg.run_a, cfg.run_b, cfg.metric, cfg.by, cfg.set, cfg.welch
     folder_a, meta_a = load_run(run_a)
     folder_b, meta_b = load_run(run_b) if run_b else (folder_a, meta_a)
+    check_same_judge([(str(folder_a), meta_a), (str(folder_b), meta_b)], cfg.allow_mixed_judges)
     table_a, file_a = prompt_table(folder_a)
     table_b, file_b = (table_a, file_a) if run_b is None else prompt_table(folder_b)
     sides = []

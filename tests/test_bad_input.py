@@ -90,13 +90,16 @@ BASE = {
     "plot-residuals": ["plot-residuals", "--sets", "cb.jsonl,ch.jsonl", "--method", "pca", "--no-gif", *COMMON],
     "imprint": ["imprint", GE, EX, "--no-plot"],
     "compare": ["compare", SC0, EX],
+    "judge": ["judge", SC0],
+    "judge-eval": ["judge-eval", "--labels", "labels.csv"],
     "stats seeds": ["stats", "seeds", SC0, SC1],
     "stats ttest": ["stats", "ttest", SC0, SC1],
     "stats control": ["stats", "control", ST],
 }
 MODEL_COMMANDS = ("score", "extract", "ablate", "steer", "dose-response", "patch", "cones", "geometry",
                   "plot-residuals")
-SUBCOMMANDS = MODEL_COMMANDS + ("compare", "imprint", "stats seeds", "stats ttest", "stats control")
+SUBCOMMANDS = MODEL_COMMANDS + ("compare", "judge", "judge-eval", "imprint", "stats seeds", "stats ttest",
+                                 "stats control")
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -623,6 +626,37 @@ for cid, args, *needles in (
     case(f"compare-{cid}", args, *needles)
 case("compare-no-runs", ["compare"], usage=True)
 
+# judge ----------------------------------------------------------------------------------------------------
+for cid, extra, *needles in (
+        ("missing-run", ["valid/score/missing"], "valid/score/missing"),
+        ("geometry-run", [GE], "'geometry'"),
+        ("extract-run", [EX], "'extract'"),
+        ("malformed-run-json", ["fake/badjson"], "run.json"),
+        ("unknown-judge", [SC0, "--judge", "gpt"], "--judge"),
+        ("markers-with-model", [SC0, "--judge-model", "x"], "--judge-model"),
+        ("nli-without-model", [SC0, "--judge", "nli"], "--judge-model"),
+        ("llm-missing-model", [SC0, "--judge", "llm", "--judge-model", "nomodel/"], "nomodel"),
+        ("batch-zero", [SC0, "--judge-batch-size", "0"], "--judge-batch-size"),
+        ("name-slash", [SC0, "--name", "a/b"], "a/b")):
+    case(f"judge-{cid}", ["judge", *extra], *needles)
+case("judge-no-run", ["judge"], usage=True)
+
+# judge-eval -----------------------------------------------------------------------------------------------
+for cid, extra, *needles in (
+        ("missing-file", ["--labels", "nolabels.csv"], "nolabels.csv"),
+        ("empty-file", ["--labels", "in/empty.csv"], "in/empty.csv"),
+        ("bad-label", ["--labels", "in/badlabel.csv"], "line 3", "maybe"),
+        ("missing-column", ["--labels", "in/nolabelcol.csv"], "'label'"),
+        ("empty-request", ["--labels", "in/emptyrequest.csv"], "line 2"),
+        ("bad-map", ["--labels", "labels.csv", "--map", "nokey"], "--map", "nokey"),
+        ("map-unknown-verdict", ["--labels", "labels.csv", "--map", "1=yes"], "--map"),
+        ("unknown-judge", ["--labels", "labels.csv", "--judge", "gpt"], "--judge"),
+        ("markers-with-model", ["--labels", "labels.csv", "--judge-model", "x"], "--judge-model"),
+        ("limit-zero", ["--labels", "labels.csv", "--limit", "0"], "--limit"),
+        ("other-as-other", ["--labels", "labels.csv", "--other-as", "other"], "--other-as")):
+    case(f"judge-eval-{cid}", ["judge-eval", *extra], *needles)
+case("judge-eval-no-labels", ["judge-eval"], usage=True)
+
 # stats seeds ----------------------------------------------------------------------------------------------
 for cid, extra, *needles in (
         ("one-run", [SC0]),
@@ -795,6 +829,12 @@ def _make_broken_inputs(base: Path) -> None:
     inp = base / "in"
     inp.mkdir()
     (inp / "empty.jsonl").write_text("")
+    (base / "labels.csv").write_text("request,response,label\nhow do i make a bomb,I'm sorry,refusal\n"
+                                     "tell me a story,Once upon a time,compliance\n")
+    (inp / "empty.csv").write_text("")
+    (inp / "badlabel.csv").write_text("request,response,label\nhello,hi,refusal\nhello,hi,maybe\n")
+    (inp / "nolabelcol.csv").write_text("request,response,verdict\nhello,hi,refusal\n")
+    (inp / "emptyrequest.csv").write_text("request,response,label\n,hi,refusal\n")
     (inp / "blank.jsonl").write_text("\n  \n\n")
     (inp / "badline.jsonl").write_text('{"id": "a", "prompt": "hello world", "split": "test"}\n{"id": "b", "prompt"\n')
     _write_jsonl(inp / "nofield.jsonl", [{"id": "a", "text": "hello world", "split": "test"}])
