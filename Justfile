@@ -2,6 +2,7 @@
 
 python := env_var_or_default("PYTHON", "python3")
 demo_name := "demo"
+judge := "ensemble"
 
 # Install (keeps an existing PyTorch; else the CPU wheel of torch 2.13.0) with the default model and dev tools,
 # at the versions pinned in constraints.txt
@@ -21,12 +22,22 @@ test-all:
 test-bf16:
     REFUSAL_TOOLKIT_AUTO_DTYPE=bfloat16 {{python}} -m pytest -q
 
-# The main job on the default model: score -> extract -> ablate -> compare, printing a before/after table
+# Refusal by the chosen judge (`just judge=markers demo` for the phrase list alone; another judge's rates come with
+# the markers' beside them), over-refusal on the borderline set, first-token and multi-token KL, cross-entropy and
+# the capability check, before and after.
+# The main job on the default model: score -> extract -> ablate -> compare, printing before/after tables
 demo:
-    refusal score harmful harmless --split test --name {{demo_name}} --force
+    refusal score harmful harmless borderline --split test --judge {{judge}} --name {{demo_name}} --force
     refusal extract --name {{demo_name}} --force
-    refusal ablate --direction runs/extract/{{demo_name}} --baseline runs/score/{{demo_name}} --name {{demo_name}} --force
-    refusal compare runs/score/{{demo_name}} runs/extract/{{demo_name}} runs/ablate/{{demo_name}} --name {{demo_name}} --force
+    refusal ablate --direction runs/extract/{{demo_name}} --baseline runs/score/{{demo_name}} --judge {{judge}} --name {{demo_name}} --force
+    refusal compare runs/score/{{demo_name}} runs/ablate/{{demo_name}} --name {{demo_name}} --force
+
+# The judges against PyRIT 1.1.0's human-labelled refusal.csv (105 pairs; read from the wheel, never vendored)
+judge-eval-demo:
+    mkdir -p runs/data
+    {{python}} -m pip download --no-deps --quiet -d runs/data pyrit==1.1.0
+    {{python}} -c "import zipfile; zipfile.ZipFile('runs/data/pyrit-1.1.0-py3-none-any.whl').extract('pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv', 'runs/data')"
+    refusal judge-eval --labels runs/data/pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv --map request=objective,response=assistant_response,label=human_score,1=refusal,0=compliance --judge markers --judge llm --judge ensemble --name pyrit --force
 
 # A Refusal Dial direction learned at layer 12 on one hash-split half of `borderline`, steered over alpha in
 # [-0.6, 0.6] (x mean residual norm) at the post-instruction tokens, evaluated on both halves and on harmful

@@ -12,6 +12,7 @@ from pydantic import Field
 from toolkit.checkpoints import check_export_target, check_save_path, export_orthogonalized
 from toolkit.damage import forced_damage, reference_completions
 from toolkit.directions import Direction
+from toolkit.errors import ToolkitError
 from toolkit.evaluation import evaluate, judged
 from toolkit.judges import parse_windows
 from toolkit.interventions import directional_ablation, orthogonalize_weights
@@ -90,6 +91,13 @@ def ablate(cfg: AblateConfig):
         d.check(ses.lm)
         if cfg.save is not None:
             check_export_target(Path(ses.lm.source), cfg.save, overwrite=cfg.replace_save)
+        if cset is not None:
+            from toolkit.capability import letter_token_ids
+
+            try:  # fail now, not after the generation passes
+                letter_token_ids(ses.lm.tokenizer)
+            except ToolkitError as e:
+                raise ToolkitError(f"{e} (or turn the check off)", param="capability") from None
         judge = cfg.open_judge(quiet=cfg.quiet) if cfg.gen_tokens else None
         r = ses.runner
         model = ses.lm.model

@@ -1,6 +1,9 @@
 """Benchmark: every kind of pass the toolkit runs, in float32 and bfloat16 side by side, and the demo's wall time.
 
-Usage: ``python scripts/bench.py [--model M] [--n 48] [--batch-size 16] [--dtypes float32,bfloat16] [--no-demo]``.
+Usage: ``python scripts/bench.py [--model M] [--n 48] [--batch-size 16] [--dtypes float32,bfloat16] [--no-demo]
+[--judges markers,llm,ensemble]``.
+
+After the passes, each refusal judge's throughput (responses/s) on short responses is printed.
 
 Each pass runs once on a few prompts to warm up, then is timed once on ``--n`` harmful training prompts. Token
 throughput counts every prompt token (the shared template prefix once per prompt, as if it had been run), so
@@ -118,6 +121,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=12)
     ap.add_argument("--no-demo", action="store_true", help="skip timing `just demo`")
+    ap.add_argument("--judges", default="markers,llm,ensemble",
+                    help="refusal judges whose throughput is measured (responses/s, --dtype auto), or none")
+    ap.add_argument("--judge-n", type=int, default=48, help="(request, response) pairs per judge timing")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -160,6 +166,9 @@ def main() -> None:
                          for d in dtypes[1:])
         print(f"{label:<62}{cells}{ratios}")
 
+    if args.judges != "none":
+        judge_throughput([j.strip() for j in args.judges.split(",") if j.strip()], load_prompt_set, args.judge_n)
+
     if not args.no_demo:
         t = time.perf_counter()
         res = subprocess.run(["just", "demo_name=bench", "demo"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -169,6 +178,27 @@ def main() -> None:
             print(res.stderr[-2000:], file=sys.stderr)
             sys.exit(f"just demo failed with exit code {res.returncode}")
         print(f"just demo (score -> extract -> ablate -> compare, --dtype auto), warm cache: {el / 60:.1f} min")
+
+
+def judge_throughput(names, load_prompt_set, n: int) -> None:
+    """Print each judge's throughput on ``n`` harmful requests with short responses like the demo's 12-token
+    completions (half a refusal, half the start of an answer), in the ``--dtype auto`` of this CPU."""
+    from toolkit.judges import make_judge
+    from toolkit.models import resolve_dtype
+
+    reqs = load_prompt_set("harmful").select("train").prompts[:n]
+    resp = ["I'm sorry, but I can't assist with that request." if i % 2 else
+            "Sure! Here is a step-by-step overview of how this works:\n\n1. First," for i in range(len(reqs))]
+    print(f"\njudge throughput ({len(reqs)} pairs, short responses, dtype {str(resolve_dtype('auto'))[6:]})")
+    for name in names:
+        t = time.perf_counter()
+        j = make_judge(name, progress=False)
+        load = time.perf_counter() - t
+        j.judge(reqs[:4], [r + " warm-up" for r in resp[:4]])
+        t = time.perf_counter()
+        j.judge(reqs, resp)
+        el = time.perf_counter() - t
+        print(f"  {name:<10} {len(reqs) / el:9.1f} responses/s   (load {load:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":

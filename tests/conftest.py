@@ -14,6 +14,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tiny tokenizers have no letter tokens A-D, so `ablate`'s multiple-choice capability check (on by default) is
+# turned off for the CLI tests through its environment variable; tests/test_capability.py tests the check itself.
+os.environ.setdefault("REFUSAL_CAPABILITY", "false")
 
 WORDS = ("how do i make a bomb tell me story about cat what is the capital of france write poem please explain "
          "python code kill process sorry can't help with that sure here it as an ai model assistant user system "

@@ -264,11 +264,21 @@ def test_ablate_summary(pipeline):
         for cond in ("baseline", "ablated", "orthogonalized"):
             assert (s, cond) in pairs, (s, cond)
     assert (sm.split == "test").all()
-    assert (sm.n == 4).all()
+    assert (sm[sm.set != "borderline"].n == 4).all()
+    # over-refusal: the built-in borderline set's test split, before and after (not in the orthogonalized check)
+    assert set(sm[sm.set == "borderline"].condition) == {"baseline", "ablated"}
+    assert (sm[sm.set == "borderline"].n == 96).all()
     res = pd.read_csv(folder / "results.csv")
-    assert len(res) == 3 * (4 + 4)
+    assert len(res) == 3 * (4 + 4) + 2 * 96
+    dm = pd.read_csv(folder / "damage.csv")
+    assert dm.condition.tolist() == ["baseline", "ablated"]
+    assert dm.kl_first[0] == 0 and dm.kl_multi[0] == 0 and dm.kl_first[1] > 0 and dm.kl_multi[1] > 0
+    assert dm.ce[1] > 0 and "capability" not in dm.columns  # the check is off for tiny tokenizers (conftest)
     run = json.loads((folder / "run.json").read_text())
     assert run["command"] == "ablate"
+    assert run["judge"]["version"] == "markers-2" and run["damage"]["kl_multi"]["tokens"] == 16
+    kl = res[(res.condition == "ablated") & (res.set == "b")].kl.mean()
+    assert dm.kl_first[1] == pytest.approx(kl)
     assert run["results"]["orthogonalized"]["max_abs_logit_diff_vs_hooks"] < 1e-3
     assert run["results"]["direction"]["d_model"] == D_MODEL
 

@@ -334,7 +334,8 @@ def test_score_and_compare_record_the_config_as_params(env, monkeypatch):
     meta = json.loads((env / "score" / "s" / "run.json").read_text())
     want = ScoreConfig(sets=[str(h), str(b)], limit=2, gen_tokens=3, quiet=True, batch_size=2, model=str(model),
                        dtype="float32", name="s")
-    assert meta["params"] == want.params(refusal_token_ids=meta["params"]["refusal_token_ids"])
+    # windows: recorded resolved (the default is a quarter, half and all of gen_tokens 3)
+    assert meta["params"] == want.params(refusal_token_ids=meta["params"]["refusal_token_ids"], windows=[1, 3])
     # the keys score wrote by hand before the config, with the same values
     old = {"split": "test", "gen_tokens": 3, "system": None, "batch_size": 2, "limit": 2}
     assert {k: meta["params"][k] for k in old} == old and meta["params"]["refusal_token_ids"]
@@ -396,12 +397,13 @@ def test_extract_and_ablate_record_the_config_as_params(env):
     assert len(p) == len(ExtractConfig.model_fields) + 1  # + refusal_token_ids
 
     assert_ok(invoke(["ablate", "-d", env / "extract" / "ex", "--harmful", h, "--harmless", b, *common,
-                      "--limit", "2", "--gen-tokens", "2", "--name", "ab"]))
+                      "--limit", "2", "--gen-tokens", "2", "--no-capability", "--name", "ab"]))
     p = json.loads((env / "ablate" / "ab" / "run.json").read_text())["params"]
     direction = Direction.resolve(str(env / "extract" / "ex")).source
     want = AblateConfig(direction=str(env / "extract" / "ex"), harmful=str(h), harmless=str(b), model=str(model),
-                        quiet=True, batch_size=4, dtype="float32", limit=2, gen_tokens=2, name="ab")
-    assert p == want.params(direction=direction, refusal_token_ids=p["refusal_token_ids"])
+                        quiet=True, batch_size=4, dtype="float32", limit=2, gen_tokens=2, name="ab",
+                        capability=False)
+    assert p == want.params(direction=direction, refusal_token_ids=p["refusal_token_ids"], windows=[1, 2])
     old = {"direction": direction, "split": "test", "gen_tokens": 2, "limit": 2, "system": None, "save": None,
            "save_dtype": "auto", "baseline": None}
     assert {k: p[k] for k in old} == old and p["refusal_token_ids"]

@@ -152,9 +152,9 @@ def test_llm_judge_dedupes_pairs_and_custom_prompt_changes_version():
     j.runner.logits = counting
     v = j.judge(["a", "a", "b"], ["x", "x", "x"])
     assert calls == [2] and v.labels[0] == v.labels[1]
-    assert j.version == "llm-1/r256"
+    assert j.version == "llm-1/r128"
     own = LLMJudge(lm, progress=False, template="Q {request} R {response} answer A B C")
-    assert own.version.startswith("llm-1/r256+prompt-") and own.describe()["prompt_sha256"] != \
+    assert own.version.startswith("llm-1/r128+prompt-") and own.describe()["prompt_sha256"] != \
         j.describe()["prompt_sha256"]
     assert "{request}" in LLM_JUDGE_PROMPT and "{response}" in LLM_JUDGE_PROMPT
 

@@ -203,7 +203,7 @@ class LLMJudge(Judge):
 
     name = "llm"
 
-    def __init__(self, lm, batch_size: int = 8, max_response_tokens: int = 256, max_request_tokens: int = 256,
+    def __init__(self, lm, batch_size: int = 8, max_response_tokens: int = 128, max_request_tokens: int = 256,
                  progress: bool = True, template: str | None = None):
         from .runner import Runner
         from .templates import ChatFormat
