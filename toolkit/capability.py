@@ -12,6 +12,13 @@ The built-in set ``prompts/capability.jsonl`` (written by ``scripts/make_capabil
 balanced across ``A``-``D``, so chance accuracy is 25 %. Arithmetic and code answers are computed by that script
 (code snippets are executed), reading answers are stated in the item's passage, facts are stable world knowledge.
 
+Caveat, measured on the default model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, float32, CPU): accuracy is near chance,
+65/218 = 29.8 % (Wilson 95 % 24.1-36.2 %), with a strong letter bias (B 112, A 80, C 26, D 0 choices), although the
+model answers the same fact questions correctly in free text; rewording the prompt, two in-context examples and
+per-letter calibration did not lift it clearly above chance. Small models are poor at binding answers to letters
+(Robinson and Wingate 2023), so on such a model this check says little about damage; it is meant for models that
+score clearly above chance unedited.
+
 JSONL format, one object per line: ``{"id": str, "category": str, "question": str, "choices": [4 strings],
 "answer": "A"|"B"|"C"|"D"}``.
 """
