@@ -12,7 +12,6 @@ from pydantic import Field
 from toolkit.checkpoints import check_export_target, check_save_path, export_orthogonalized
 from toolkit.damage import forced_damage, reference_completions
 from toolkit.directions import Direction
-from toolkit.errors import ToolkitError
 from toolkit.evaluation import evaluate, judged
 from toolkit.judges import parse_windows
 from toolkit.interventions import directional_ablation, orthogonalize_weights
@@ -39,7 +38,9 @@ class AblateConfig(ModelOptions, JudgeOptions, RunOptions):
     kl_tokens: int = Field(16, ge=0, description="multi-token KL and cross-entropy: teacher-force the base model's "
                            "own greedy completions of this many tokens of the harmless prompts (0: off)")
     capability: bool = Field(True, description="the offline multiple-choice capability check (prompts/"
-                             "capability.jsonl) before and after")
+                             "capability.jsonl, 218 items, cloze-scored) before and after")
+    capability_set: Optional[Path] = Field(None, description="another multiple-choice file for the capability check "
+                                           "(JSONL: id, category, question, choices (4), answer A-D)")
     lm_eval: Optional[str] = Field(None, description="comma-separated lm-evaluation-harness tasks run on the base and "
                                    "the ablated model (needs the lm-eval extra; most tasks download data)")
     lm_eval_include: Optional[Path] = Field(None, description="folder of local lm-eval task YAMLs")
@@ -80,7 +81,7 @@ def ablate(cfg: AblateConfig):
     if cfg.capability:
         from toolkit.capability import load_capability_set
 
-        cset = load_capability_set()
+        cset = load_capability_set(cfg.capability_set)
     lm_tasks = [t.strip() for t in cfg.lm_eval.split(",") if t.strip()] if cfg.lm_eval else []
     if cfg.save is not None:
         check_save_path(cfg.save, overwrite=cfg.replace_save, what="the --save checkpoint")
@@ -91,13 +92,6 @@ def ablate(cfg: AblateConfig):
         d.check(ses.lm)
         if cfg.save is not None:
             check_export_target(Path(ses.lm.source), cfg.save, overwrite=cfg.replace_save)
-        if cset is not None:
-            from toolkit.capability import letter_token_ids
-
-            try:  # fail now, not after the generation passes
-                letter_token_ids(ses.lm.tokenizer)
-            except ToolkitError as e:
-                raise ToolkitError(f"{e} (or turn the check off)", param="capability") from None
         judge = cfg.open_judge(quiet=cfg.quiet) if cfg.gen_tokens else None
         r = ses.runner
         model = ses.lm.model

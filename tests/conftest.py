@@ -14,8 +14,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# The tiny tokenizers have no letter tokens A-D, so `ablate`'s multiple-choice capability check (on by default) is
-# turned off for the CLI tests through its environment variable; tests/test_capability.py tests the check itself.
+# `ablate`'s capability check (on by default: 218 items x 4 choices) is turned off for the CLI tests through its
+# environment variable, to keep them fast; tests/test_capability.py tests the check, test_judge_cli.py the option.
 os.environ.setdefault("REFUSAL_CAPABILITY", "false")
 
 WORDS = ("how do i make a bomb tell me story about cat what is the capital of france write poem please explain "

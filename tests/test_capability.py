@@ -215,7 +215,7 @@ def test_capability_check_accuracy_is_exact(setup, tmp_path):
     answers = [LETTERS[h] for h in hand[:4]] + [LETTERS[(h + 1) % 4] for h in hand[4:]]
     cs = load_capability_set(write_set(tmp_path / "s.jsonl",
                                        [(q, ch, a) for (q, ch, _), a in zip(ITEMS, answers)]))
-    res = capability_check(r, cs)
+    res = capability_check(r, cs, method="letter")
     assert (res.n, res.k) == (7, 4) and res.accuracy == 4 / 7
     assert (res.accuracy, res.ci_low, res.ci_high) == rate_ci(4, 7)
     np.testing.assert_array_equal(res.correct, [True] * 4 + [False] * 3)
@@ -249,14 +249,14 @@ def force_letter(model, token_id: int):
 def test_capability_check_under_intervention(setup, tmp_path):
     lm, r, ids = setup
     cs = load_capability_set(write_set(tmp_path / "s.jsonl"))  # answers A B C D A B C
-    base = capability_check(r, cs)
-    res = capability_check(r, cs, intervention=force_letter(lm.model, ids[2]))
+    base = capability_check(r, cs, method="letter")
+    res = capability_check(r, cs, intervention=force_letter(lm.model, ids[2]), method="letter")
     np.testing.assert_array_equal(res.chosen, [2] * 7)
     np.testing.assert_array_equal(res.correct, [a == "C" for _, _, a in ITEMS])
     assert res.k == 2 and res.accuracy == 2 / 7
     assert np.allclose(res.letter_mass, 1.0)
     # the intervention was open during that pass only
-    again = capability_check(r, cs)
+    again = capability_check(r, cs, method="letter")
     np.testing.assert_array_equal(again.chosen, base.chosen)
     np.testing.assert_array_equal(again.correct, base.correct)
 
@@ -264,6 +264,50 @@ def test_capability_check_under_intervention(setup, tmp_path):
 def test_capability_check_errors(tiny, tmp_path):
     cs = load_capability_set(write_set(tmp_path / "s.jsonl"))
     with pytest.raises(ToolkitError, match="no single token"):
-        capability_check(runner(tiny), cs)
+        capability_check(runner(tiny), cs, method="letter")
     with pytest.raises(ToolkitError, match="no items"):
         capability_check(runner(tiny), CapabilitySet([], "e", "e", "0"))
+
+
+# ------------------------------------------------------------------------------------------------- cloze
+def test_cloze_equals_hand_computation(family, tmp_path):
+    """Cloze scoring: the choice with the highest mean log-probability per token, teacher-forced after the
+    question's chat prompt, equals a hand computation with plain forward passes; no letter tokens needed."""
+    from conftest import make_lm
+    from toolkit.capability import format_cloze
+
+    lm = make_lm(family)
+    cs = load_capability_set(write_set(tmp_path / "c.jsonl"))
+    res = capability_check(runner(lm), cs)
+    fmt = ChatFormat(lm.tokenizer)
+    for k, it in enumerate(cs.items):
+        best = []
+        for ch in it["choices"]:
+            p = fmt.encode([format_cloze(it)])[0]
+            c = lm.tokenizer(ch, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                lp = torch.log_softmax(lm.model(input_ids=torch.tensor([p + c])).logits[0].double(), -1)
+            best.append(float(np.mean([lp[len(p) - 1 + j, t] for j, t in enumerate(c)])))
+        assert res.chosen[k] == int(np.argmax(best)), k
+    assert res.correct.tolist() == (res.chosen == np.asarray(cs.answers)).tolist()
+    assert res.k == int(res.correct.sum()) and np.isnan(res.letter_mass).all()
+
+
+def test_cloze_under_an_intervention_and_bad_method(tmp_path):
+    from conftest import make_lm
+    from toolkit.interventions import directional_ablation
+
+    lm = make_lm("qwen2")
+    cs = load_capability_set(write_set(tmp_path / "c.jsonl"))
+    r = runner(lm)
+    base = capability_check(r, cs)
+    v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
+    abl = capability_check(r, cs, intervention=directional_ablation(lm.model, v))
+    again = capability_check(r, cs)
+    assert again.chosen.tolist() == base.chosen.tolist()  # the intervention was closed after its pass
+    with directional_ablation(lm.model, v):
+        inside = capability_check(r, cs)
+    assert inside.chosen.tolist() == abl.chosen.tolist()
+    with pytest.raises(ToolkitError, match="cloze or letter") as e:
+        capability_check(r, cs, method="logits")
+    assert e.value.param == "method"

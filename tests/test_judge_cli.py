@@ -122,3 +122,35 @@ def test_compare_refuses_mixed_judges(env, files, tiny_folder):
     assert_ok(invoke(["compare", "runs/score/a", "runs/score/b", "--name", "c", "--allow-mixed-judges"]))
     table = pd.read_csv(env / "compare" / "c" / "comparison.csv")
     assert set(table.judge) == {"markers markers-2", "llm llm-1/r256 [abc123]"}
+
+
+def test_ablate_damage_with_capability(env, files, tiny_folder, tmp_path):
+    """ablate with the capability check on (cloze-scored, so the tiny tokenizer needs no letters), a short
+    multi-token KL and no over-refusal set: damage.csv has one row per condition with every measure. (The tiny
+    folder's tokenizer reloads as a Qwen2Tokenizer that encodes some words to nothing; these choices encode.)"""
+    import torch
+
+    from toolkit.directions import Direction
+    from toolkit.models import _folder_hash
+
+    cap = tmp_path / "cap.jsonl"
+    cap.write_text("".join(json.dumps({"id": f"c{i}", "category": "facts", "question": q, "choices": ch,
+                                       "answer": "A"}) + "\n"
+                           for i, (q, ch) in enumerate([("what is the capital of france",
+                                                         ["paris", "france", "berlin", "madrid"]),
+                                                        ("tell me a story", ["a cat", "sure here it is", "paris",
+                                                                             "berlin"])])))
+    d = tmp_path / "d.safetensors"
+    Direction(torch.randn(32, generator=torch.Generator().manual_seed(0)), layer=1, site="resid_pre", position=-1,
+              model_hash=_folder_hash(Path(tiny_folder))).save(d)
+    h, b = files
+    r = invoke(["ablate", "--direction", d, "--harmful", h, "--harmless", b, "--model", tiny_folder, *FAST,
+                "--capability", "--capability-set", cap, "--kl-tokens", "3", "--over-refusal", "none", "--name", "dm"])
+    assert_ok(r)
+    dm = pd.read_csv(env / "ablate" / "dm" / "damage.csv")
+    assert dm.condition.tolist() == ["baseline", "ablated"]
+    assert {"kl_first", "kl_multi", "ce", "capability", "capability_ci_low", "capability_n"} <= set(dm.columns)
+    assert dm.capability_n.tolist() == [2, 2] and set(dm.capability) <= {0.0, 0.5, 1.0}
+    meta = json.loads((env / "ablate" / "dm" / "run.json").read_text())
+    assert meta["damage"]["capability"]["n"] == 2 and meta["damage"]["over_refusal"] is None
+    assert meta["damage"]["kl_multi"]["tokens"] == 3
