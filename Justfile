@@ -2,7 +2,7 @@
 
 python := env_var_or_default("PYTHON", "python3")
 demo_name := "demo"
-judge := "ensemble"
+judge := "markers"
 
 # Install (keeps an existing PyTorch; else the CPU wheel of torch 2.13.0) with the default model and dev tools,
 # at the versions pinned in constraints.txt
@@ -22,7 +22,7 @@ test-all:
 test-bf16:
     REFUSAL_TOOLKIT_AUTO_DTYPE=bfloat16 {{python}} -m pytest -q
 
-# Refusal by the chosen judge (`just judge=markers demo` for the phrase list alone; another judge's rates come with
+# Refusal by the chosen judge (markers by default; `just judge=ensemble demo` adds the llm judge, whose rates come with
 # the markers' beside them), over-refusal on the borderline set, first-token and multi-token KL, cross-entropy and
 # the capability check, before and after.
 # The main job on the default model: score -> extract -> ablate -> compare, printing before/after tables

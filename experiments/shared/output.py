@@ -92,11 +92,17 @@ def evaluation_row(set_name: str, split: str | None, condition: str, ev, kl=None
 
 
 def print_summary(df: pd.DataFrame, title: str, extra_cols: tuple[str, ...] = ()) -> None:
-    """Print a summary table (refusal rate [95 % CI], mean score, KL) to stdout."""
+    """Print a summary table (refusal rate [95 % CI], mean score, KL) to stdout, with the judge's ``other`` rate,
+    the marker judge's rate beside another judge, and the window check (share of verdicts that changed between the
+    two longest windows) where the summary has them."""
     t = Table(title=title, title_justify="left")
-    cols = list(extra_cols) + ["set", "split", "condition", "n", "refusal rate [95% CI]", "mean score", "KL"]
+    more = [(c, h) for c, h in (("other_rate", "other"), ("refusal_rate_markers", "markers"),
+                                ("window_changed", "window changed")) if c in df.columns and df[c].notna().any()]
+    cols = list(extra_cols) + ["set", "split", "condition", "n", "refusal rate [95% CI]"] + [h for _, h in more] + \
+        ["mean score", "KL"]
     for c in cols:
-        t.add_column(c, justify="right" if c in ("n", "mean score", "KL") else "left")
+        t.add_column(c, justify="left" if c in ("set", "split", "condition", "refusal rate [95% CI]") or
+                     c in extra_cols else "right")
     for _, r in df.iterrows():
         rate = "-" if pd.isna(r.get("refusal_rate")) else f"{r['refusal_rate']:.2f}"
         if rate != "-" and not pd.isna(r.get("ci_low")):
@@ -104,6 +110,7 @@ def print_summary(df: pd.DataFrame, title: str, extra_cols: tuple[str, ...] = ()
         kl = "-" if pd.isna(r.get("mean_kl")) else f"{r['mean_kl']:.3f}"
         score = "-" if pd.isna(r.get("mean_score")) else f"{r['mean_score']:.2f}"
         vals = [str(r[c]) for c in extra_cols] + [str(r["set"]), str(r["split"]), str(r["condition"]),
-                                                   "-" if pd.isna(r["n"]) else str(int(r["n"])), rate, score, kl]
-        t.add_row(*vals)
+                                                   "-" if pd.isna(r["n"]) else str(int(r["n"])), rate]
+        vals += ["-" if pd.isna(r.get(c)) else f"{r[c]:.2f}" for c, _ in more]
+        t.add_row(*vals, score, kl)
     out.print(t)
