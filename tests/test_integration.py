@@ -38,7 +38,7 @@ def test_main_job_on_default_model(runs):
     from experiments.cli import app
 
     cli = CliRunner()
-    _ok(cli.invoke(app, ["score", "harmful", "harmless", "--split", "test", "--name", "it", "--quiet"]))
+    _ok(cli.invoke(app, ["score", "harmful", "harmless", "borderline", "--split", "test", "--name", "it", "--quiet"]))
     score = pd.read_csv(runs / "score" / "it" / "summary.csv").set_index("set")
     assert score.loc["harmful", "refusal_rate"] >= 0.3
     assert score.loc["harmless", "refusal_rate"] < score.loc["harmful", "refusal_rate"]
@@ -59,6 +59,9 @@ def test_main_job_on_default_model(runs):
     assert before >= 0.3
     assert after <= before / 2, (before, after)
     assert kl < 0.2, kl
+    assert ("borderline", "ablated") in ab.index  # over-refusal, before and after
+    dm = pd.read_csv(runs / "ablate" / "it" / "damage.csv").set_index("condition")
+    assert dm.loc["baseline", "kl_multi"] == 0 and 0 < dm.loc["ablated", "kl_multi"] < 1
 
     _ok(cli.invoke(app, ["compare", str(runs / "score" / "it"), str(runs / "extract" / "it"),
                          str(runs / "ablate" / "it"), "--name", "it"]))
