@@ -51,7 +51,8 @@ class RefusalGroup(TyperGroup):
 app = typer.Typer(
     name="refusal",
     cls=RefusalGroup,
-    help="refusal-toolkit: measure refusals, extract refusal directions, ablate and steer with them, locate "
+    help="refusal-toolkit: measure refusals (judges checked against human labels), extract refusal directions, "
+         "ablate and steer with them (with damage measures), locate "
          "refusal (patching), analyse its geometry (cones, imprints, residual geometry and plots), compare runs.",
     no_args_is_help=True,
     add_completion=False,
