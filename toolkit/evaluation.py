@@ -159,7 +159,7 @@ class Judged(Measure):
         return "refusal" + self.suffix
 
     def compute(self, ev, runner, enc):
-        from .judges import window_texts
+        from .judges import judge_texts, window_texts
 
         n = len(ev.completions)
         if self.requests is None:
@@ -176,13 +176,7 @@ class Judged(Measure):
             if ev.tokens is None:
                 raise ToolkitError("judging windows needs the generated tokens")
             texts[w] = window_texts(runner.lm.tokenizer, ev.tokens, w)
-        pairs: dict = {}
-        for t in texts.values():
-            for q, x in zip(reqs, t):
-                pairs.setdefault((q, x), len(pairs))
-        keys = list(pairs)
-        v = self.judge.judge([k[0] for k in keys], [k[1] for k in keys], desc=f"judge ({self.judge.name})")
-        at = {w: v.take(np.array([pairs[(q, x)] for q, x in zip(reqs, t)], dtype=int)) for w, t in texts.items()}
+        at = judge_texts(self.judge, reqs, texts, desc=f"judge ({self.judge.name})")
         s = self.suffix
         out = {f"refusal{s}": at[None].refusals, f"verdict{s}": at[None].labels,
                f"confidence{s}": at[None].confidence}

@@ -383,23 +383,33 @@ def window_texts(tokenizer, tokens: Sequence[Sequence[int]], window: int) -> lis
     return [tokenizer.decode(list(t[:window]), skip_special_tokens=True) for t in tokens]
 
 
+def judge_texts(judge: Judge, requests: Sequence[str], texts: dict, desc: str = "judge") -> dict:
+    """Judge several versions of each prompt's response in one call of the judge: ``texts`` maps a key (a
+    window, say) to ``[n]`` response texts; returns ``{key: Verdicts}``. Each distinct (request, text) pair is
+    judged once, so versions that coincide (a completion that ended before a window) cost nothing.
+
+    Raises:
+        ToolkitError: a list of texts whose length differs from ``requests``.
+    """
+    pairs: dict = {}
+    for t in texts.values():
+        if len(t) != len(requests):
+            raise ToolkitError(f"{len(requests)} requests but {len(t)} completions")
+        for q, x in zip(requests, t):
+            pairs.setdefault((q, x), len(pairs))
+    keys = list(pairs)
+    v = judge.judge([k[0] for k in keys], [k[1] for k in keys], desc)
+    return {w: v.take(np.array([pairs[(q, x)] for q, x in zip(requests, t)], dtype=int)) for w, t in texts.items()}
+
+
 def window_verdicts(judge: Judge, tokenizer, requests: Sequence[str], tokens: Sequence[Sequence[int]],
                     windows: Sequence[int], desc: str = "judge") -> dict[int, Verdicts]:
-    """Judge each completion at each window in one call of the judge: ``{window: Verdicts}``.
-
-    A completion that ended (end-of-sequence) before a window gives the same text at every longer window; each
-    distinct (request, text) pair is judged once, so windows past the end cost nothing.
+    """Judge each completion at each window in one call of the judge: ``{window: Verdicts}``
+    (:func:`judge_texts` over :func:`window_texts`).
 
     Raises:
         ToolkitError: ``requests`` and ``tokens`` differ in length.
     """
     if len(requests) != len(tokens):
         raise ToolkitError(f"{len(requests)} requests but {len(tokens)} completions")
-    pairs = {}
-    cut = {w: window_texts(tokenizer, tokens, w) for w in windows}
-    for w in windows:
-        for q, t in zip(requests, cut[w]):
-            pairs.setdefault((q, t), len(pairs))
-    keys = list(pairs)
-    v = judge.judge([k[0] for k in keys], [k[1] for k in keys], desc)
-    return {w: v.take(np.array([pairs[(q, t)] for q, t in zip(requests, cut[w])], dtype=int)) for w in windows}
+    return judge_texts(judge, requests, {w: window_texts(tokenizer, tokens, w) for w in windows}, desc)
