@@ -14,6 +14,10 @@ Sites for block ``l`` (TransformerLens names ``blocks.{l}.hook_<site>``):
   the input of ``o_proj``, ``[batch, pos, n_heads * head_dim]`` with query head ``h`` in the slice
   ``h * head_dim:(h + 1) * head_dim``; forward pre-hook on ``o_proj``. Not in :data:`SITES` (its width is not
   ``d_model``); used by per-head patching.
+* ``o_proj`` / ``down_proj`` -- the outputs of the two linear maps that write into the residual stream (attention's
+  output projection and the MLP's down projection), before any norm that follows them (Gemma 2/3); forward hooks on
+  those modules. Not in :data:`SITES`: they are :data:`WRITER_SITES`, where a hook is exactly equivalent to an edit
+  of that module's weight and bias (:mod:`toolkit.abliteration`).
 
 Supported: any decoder whose blocks expose ``self_attn`` and ``mlp`` with Llama-style norms, which covers
 Qwen2/Qwen2.5/Qwen3, Llama 2/3, Mistral and Gemma 1/2/3 (text). All tensors except ``z`` are
@@ -34,6 +38,7 @@ from .errors import ToolkitError
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 HEAD_SITE = "z"
+WRITER_SITES = ("o_proj", "down_proj")
 
 HookFn = Callable[[torch.Tensor, "HookContext"], "torch.Tensor | None"]
 
@@ -76,6 +81,22 @@ def attn_out_module(block: nn.Module) -> nn.Module:
 def mlp_out_module(block: nn.Module) -> nn.Module:
     """The module whose output is what the MLP adds to the residual stream."""
     return block.post_feedforward_layernorm if _sandwich(block) else block.mlp
+
+
+def writer_module(block: nn.Module, site: str) -> nn.Linear:
+    """The linear map of a block that writes into the residual stream: ``site`` ``"o_proj"`` (attention output
+    projection, ``weight: [d_model, n_heads * head_dim]``) or ``"down_proj"`` (MLP down projection, ``weight:
+    [d_model, d_mlp]``).
+
+    Raises:
+        ToolkitError: unknown site, or a block without that module.
+    """
+    if site not in WRITER_SITES:
+        raise ToolkitError(f"unknown writer site {site!r}; choose one of {', '.join(WRITER_SITES)}")
+    mod = getattr(block.self_attn if site == "o_proj" else block.mlp, site, None)
+    if not isinstance(mod, nn.Linear):
+        raise ToolkitError(f"this architecture has no linear {site} in its decoder blocks")
+    return mod
 
 
 def pre_mlp_norm(block: nn.Module) -> nn.Module:
@@ -122,7 +143,7 @@ def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool
     Raises:
         ToolkitError: unknown site or layer out of range.
     """
-    if site not in SITES and site != HEAD_SITE:
+    if site not in SITES and site != HEAD_SITE and site not in WRITER_SITES:
         raise ToolkitError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
     layer = check_layer(model, layer)
     block = decoder_layers(model)[layer]
@@ -154,8 +175,11 @@ def add_hook(model: nn.Module, site: str, layer: int, fn: HookFn, *, write: bool
 
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-    module = {"resid_post": block, "attn_out": attn_out_module(block), "mlp_out": mlp_out_module(block),
-              "resid_mid": attn_out_module(block)}[site]
+    if site in WRITER_SITES:
+        module = writer_module(block, site)
+    else:
+        module = {"resid_post": block, "attn_out": attn_out_module(block), "mlp_out": mlp_out_module(block),
+                  "resid_mid": attn_out_module(block)}[site]
 
     def fwd_hook(mod, args, out):
         new = call(_first(out))
