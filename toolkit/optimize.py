@@ -200,7 +200,7 @@ class SearchState:
         try:
             L = self.n_layers
             orth = bool(params["orthogonalize"])
-            dirs = orthogonalize_to(self.directions, self.harmless_mean) if orth else unit_rows(self.directions)
+            dirs = self.unit_directions(orth)
             if params["scope"] == "global":
                 idx = min(1.0 + float(params["direction"]) * (L - 1), float(L - 1))
                 rows = direction_at(dirs, idx).expand(L, -1).clone()
@@ -223,6 +223,20 @@ class SearchState:
             return WeightEdit(rows, strengths, params["form"], refs, meta={"params": dict(params)})
         except KeyError as e:
             raise ToolkitError(f"trial parameters lack {e.args[0]!r}") from None
+
+    def unit_directions(self, orthogonal: bool = False) -> torch.Tensor:
+        """``[n_layers, d_model]`` float64 unit directions, plain or orthogonal to the harmless mean
+        (:func:`toolkit.abliteration.orthogonalize_to`). Row 0 (the block-0 input: at a template position every prompt
+        has the same token there, so the difference is zero) is used by no edit and is left at zero when it is zero.
+
+        Raises:
+            ToolkitError: a zero or non-finite direction at a layer above 0.
+        """
+        out = torch.zeros(self.directions.shape, dtype=torch.float64)
+        first = 1 if float(self.directions[0].double().norm()) == 0.0 else 0
+        rest = self.directions[first:]
+        out[first:] = orthogonalize_to(rest, self.harmless_mean[first:]) if orthogonal else unit_rows(rest)
+        return out
 
     def save(self, path: Path) -> None:
         """Write the state as one safetensors file (tensors float32/float64, metadata as JSON)."""
@@ -330,10 +344,13 @@ def compute_search_state(runner: Runner, harmful: Encoded, harmless: Encoded, po
     xb = runner.collect(harmless, range(L), ["resid_pre"], [position], desc="harmless residuals")["resid_pre"][:, :, 0]
     mh, mb = xh.double().mean(0), xb.double().mean(0)
     raw = mh - mb
-    sep = {"raw": _separation(xh, xb, unit_rows(raw)), "orthogonal": _separation(xh, xb, orthogonalize_to(raw, mb))}
     means = _module_means(runner, harmless, "writer means")
-    return SearchState(raw.float(), mb.float(), means, sep, position, runner.lm.model_hash, runner.lm.model_id,
-                       dict(meta or {}, n_harmful=len(harmful), n_harmless=len(harmless)))
+    state = SearchState(raw.float(), mb.float(), means, {}, position, runner.lm.model_hash, runner.lm.model_id,
+                        dict(meta or {}, n_harmful=len(harmful), n_harmless=len(harmless)))
+    sep = {"raw": _separation(xh, xb, state.unit_directions(False)),
+           "orthogonal": _separation(xh, xb, state.unit_directions(True))}
+    object.__setattr__(state, "separation", sep)
+    return state
 
 
 class TrialEvaluator:

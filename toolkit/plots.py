@@ -407,3 +407,49 @@ def write_gif(pngs: Sequence[Path], path: Path, fps: float = 2.0) -> Path:
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(20, round(1000 / fps)), loop=0,
                    disposal=1, optimize=False)
     return Path(path)
+
+
+def pareto_plot(trials: pd.DataFrame, front: pd.DataFrame, path: Path, *, x: str = "kl", y: str = "refusal",
+                baseline: dict | None = None, others: dict | None = None, chosen: dict | None = None,
+                title: str = "") -> Path:
+    """The refusal-vs-damage plane of a search: every finished trial (grey), the Pareto front (red steps), the
+    unedited model (black cross), the chosen trial (ringed) and other tools' trials (``others``: ``{label: DataFrame
+    with columns x and y}``, e.g. Heretic's), KL on a symlog axis (0 is the unedited model).
+
+    Args:
+        trials, front: DataFrames with columns ``x`` and ``y`` (the front sorted by ``x``).
+        path: PNG written.
+        baseline, chosen: ``{x: ..., y: ...}`` points, or None.
+
+    Raises:
+        ToolkitError: a column missing.
+    """
+    for df in [trials, front, *(others or {}).values()]:
+        if x not in df.columns or y not in df.columns:
+            raise ToolkitError(f"the Pareto plot needs columns {x!r} and {y!r}")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    ax.scatter(trials[x], trials[y], s=14, color="0.6", alpha=0.7, label=f"trials ({len(trials)})")
+    f = front.sort_values(x)
+    ax.step(f[x], f[y], where="post", color="tab:red", lw=1.2)
+    ax.scatter(f[x], f[y], s=26, color="tab:red", zorder=3, label=f"Pareto front ({len(f)})")
+    marks = ["s", "^", "D", "v"]
+    for i, (label, df) in enumerate((others or {}).items()):
+        ax.scatter(df[x], df[y], s=24, marker=marks[i % len(marks)], facecolors="none", edgecolors=f"C{i + 2}",
+                   label=label)
+    if baseline is not None:
+        ax.scatter([baseline[x]], [baseline[y]], marker="x", s=60, color="k", zorder=4, label="unedited model")
+    if chosen is not None:
+        ax.scatter([chosen[x]], [chosen[y]], s=140, facecolors="none", edgecolors="tab:blue", lw=1.6, zorder=4,
+                   label="chosen trial")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel(f"{x} (nats, symlog)" if x.startswith("kl") else x)
+    ax.set_ylabel(f"{y} rate" if y in ("refusal", "over_refusal") else y)
+    ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=7, frameon=False, loc="best")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
