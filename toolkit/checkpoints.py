@@ -221,8 +221,8 @@ def export_weight_edit(source: Path, edit: WeightEdit, dest: Path, *, dtype: tor
         if info["added_bias"]:
             mods = ", ".join(info["added_bias"])
             raise ToolkitError(f"cannot export the affine edit merged: it needs a bias on {mods}, which this "
-                               f"architecture's checkpoint cannot store; export_adapter (--adapter) holds the "
-                               f"affine edit exactly")
+                               f"architecture's checkpoint cannot store; an adapter export (export_adapter) holds "
+                               f"the affine edit exactly")
         return info
 
     return _export_merged(source, dest, dtype, overwrite, edit_fn, extra)
