@@ -191,6 +191,11 @@ def run_trials(study, space: SearchSpace, state: SearchState, evaluator: TrialEv
                 trial.set_user_attr("error", str(e))
                 study.tell(trial, state=TrialState.FAIL)
                 continue
+            except KeyboardInterrupt:  # Ctrl-C: the trial is failed and queued again for --resume
+                trial.set_user_attr("interrupted", True)
+                study.tell(trial, state=TrialState.FAIL)
+                study.enqueue_trial(trial.params, skip_if_exists=False)
+                raise
             trial.set_user_attr("seconds", round(time.time() - t0, 3))
             trial.set_user_attr("measures", values)
             study.tell(trial, [values[o] for o in objectives])
