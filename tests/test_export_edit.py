@@ -83,7 +83,7 @@ def test_merged_export_equals_the_hook_form(src, ids, tmp_path, form):
 
 
 def test_merged_affine_export_without_a_bias_slot_is_refused_before_writing(src, tmp_path):
-    with pytest.raises(ToolkitError, match=r"layers\.0\.self_attn\.o_proj.*export_adapter \(--adapter\)") as e:
+    with pytest.raises(ToolkitError, match=r"layers\.0\.self_attn\.o_proj.*adapter export \(export_adapter\)") as e:
         export_weight_edit(src, make_edit("affine"), tmp_path / "out")
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []  # neither dest nor a hidden temporary
