@@ -54,6 +54,16 @@ dose-response-demo:
     refusal steer --learn borderline --layers 12 --alpha 0 --sets harmful --limit 2 --no-plot --name dose-direction-{{demo_name}} --force -q
     refusal dose-response --direction runs/steer/dose-direction-{{demo_name}}/direction_L12.safetensors --alpha=-0.3:0.6:0.15 --limit 60 --name {{demo_name}} --force
 
+# An automated abliteration search on the default model (Optuna multi-objective TPE over Heretic's search space
+# and more: norm-preserving and affine edits, activation-scaled strengths), the chosen trial on the test split beside
+# a random-direction control, then the chosen trial exported (merged; an affine edit as a PEFT adapter) and the
+# exported model re-scored with `refusal score --model`.
+# The abliteration search, export and re-score (budget sized for about 20 minutes here)
+optimize-demo trials="30":
+    refusal optimize --trials {{trials}} --startup 10 --n-val 32 --controls 1 --test-limit 60 --judge {{judge}} --name {{demo_name}} --force
+    refusal optimize --name {{demo_name}} --export chosen --save runs/models/optimize-{{demo_name}} --replace-save -q || refusal optimize --name {{demo_name}} --export chosen --save runs/models/optimize-{{demo_name}} --replace-save --adapter -q
+    refusal score harmful harmless --split test --limit 60 --model runs/models/optimize-{{demo_name}} --judge {{judge}} --name optimize-{{demo_name}} --force
+
 # Benchmark: every pass in float32 and bfloat16 side by side with the ratio, then the demo's wall time
 bench:
     {{python}} scripts/bench.py

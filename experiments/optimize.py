@@ -77,7 +77,8 @@ class OptimizeConfig(ModelOptions, JudgeOptions, RunOptions):
     controls: int = Field(2, ge=0, description="random-direction controls with the chosen trial's kernel and form")
     test_limit: Optional[int] = Field(None, ge=1, description="at most N test prompts per set")
     heretic: Optional[Path] = Field(None, description="CSV of Heretic's trials (columns refusal, kl) drawn on the plot")
-    export: Optional[int] = Field(None, ge=0, description="export this trial of the finished run --name (with --save)")
+    export: Optional[str] = Field(None, description="export this trial (a number, or 'chosen': the run's chosen trial) "
+                                  "of the finished run --name, with --save")
     save: Optional[Path] = Field(None, description="folder of the exported checkpoint or adapter")
     adapter: bool = Field(False, description="export a PEFT LoRA adapter instead of a merged checkpoint")
     adapter_rank: int = Field(8, ge=1, description="LoRA rank of a norm-preserving edit's adapter (other forms are "
@@ -615,7 +616,17 @@ def _export(cfg) -> None:
                            param="name")
     study = optuna.load_study(study_name=folder.name if meta.get("name") is None else meta["name"],
                               storage=open_storage(f"sqlite:///{folder / 'study.db'}"))
-    params = _params_of(study, cfg.export)
+    if cfg.export.strip().lower() == "chosen":
+        chosen = (meta.get("results") or {}).get("chosen")
+        if not chosen:
+            raise ToolkitError(f"{folder} has no chosen trial (its objectives lack refusal)", param="export")
+        number = int(chosen["trial"])
+    else:
+        try:
+            number = int(cfg.export)
+        except ValueError:
+            raise ToolkitError(f"must be a trial number or 'chosen', got {cfg.export!r}", param="export") from None
+    params = _params_of(study, number)
     edit = state.edit(params)
     rec = meta.get("model") or {}
     with console.status("loading the source model"):
@@ -623,7 +634,7 @@ def _export(cfg) -> None:
     if rec.get("hash") and lm.model_hash != rec["hash"]:
         raise ToolkitError(f"--model is not the run's model {rec.get('id')} (hash {rec['hash'][:12]})", param="model")
     source = Path(lm.source)
-    provenance = json.dumps({"tool": "refusal-toolkit", "run": str(folder), "trial": cfg.export, "params": params,
+    provenance = json.dumps({"tool": "refusal-toolkit", "run": str(folder), "trial": number, "params": params,
                              "model": {k: rec.get(k) for k in ("id", "hash")}, "edit": edit.describe()},
                             indent=2, default=str)
     extra = {"refusal-toolkit-edit.json": provenance}
@@ -631,8 +642,13 @@ def _export(cfg) -> None:
         info = export_adapter(source, edit, cfg.save, rank=cfg.adapter_rank, overwrite=cfg.replace_save, extra=extra)
         what = "PEFT LoRA adapter"
     else:
-        info = export_weight_edit(source, edit, cfg.save, dtype=saved_as, overwrite=cfg.replace_save, extra=extra)
+        try:
+            info = export_weight_edit(source, edit, cfg.save, dtype=saved_as, overwrite=cfg.replace_save, extra=extra)
+        except ToolkitError as e:
+            if "bias" in str(e):
+                raise ToolkitError(f"{e}; pass --adapter") from None
+            raise
         what = f"merged checkpoint ({info.get('saved_dtype')})"
     err = info.get("approx_rel_error")
     note = f"; low-rank approximation error {err:.2e}" if err else ""
-    console.print(f"exported trial {cfg.export} ({params['form']}) of {folder} as a {what} to {cfg.save}{note}")
+    console.print(f"exported trial {number} ({params['form']}) of {folder} as a {what} to {cfg.save}{note}")

@@ -225,10 +225,16 @@ def test_optimize_end_to_end_and_export(env, files):
     assert len(prof["trials"]) == len(front)
     # export the chosen trial merged; it loads in plain transformers with its provenance beside it
     out = env.parent / "exported"
-    res = invoke(["optimize", "--name", "o1", "--export", chosen, "--save", out, "--quiet"])
+    res = invoke(["optimize", "--name", "o1", "--export", "chosen", "--save", out, "--quiet"])
     assert res.exit_code == 0, output_of(res)
     assert (out / "config.json").is_file()
     assert json.loads((out / "refusal-toolkit-edit.json").read_text())["trial"] == chosen
+    other = int(trials["trial"].iloc[0])
+    res = invoke(["optimize", "--name", "o1", "--export", other, "--save", env.parent / "adapter", "--adapter", "--quiet"])
+    assert res.exit_code == 0, output_of(res)
+    assert json.loads((env.parent / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    res = invoke(["optimize", "--name", "o1", "--export", "best", "--save", env.parent / "x", "--quiet"])
+    assert res.exit_code == 2 and "'chosen'" in output_of(res)
     res = invoke(["optimize", "--name", "o1", "--export", 999, "--save", env.parent / "x", "--quiet"])
     assert res.exit_code == 2 and "no trial 999" in output_of(res)
 
