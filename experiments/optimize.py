@@ -312,6 +312,10 @@ def optimize(cfg: OptimizeConfig):
     _space(cfg)  # bad forms or scopes fail here, before the model loads
     if cfg.warm_start is not None:
         read_profile(cfg.warm_start, _space(cfg))
+    if cfg.heretic is not None:
+        _read_heretic(cfg.heretic)
+    if cfg.storage is not None:
+        open_storage(cfg.storage)
     if cfg.worker:
         return _work(cfg, name, work)
     if cfg.resume:

@@ -92,12 +92,14 @@ BASE = {
     "compare": ["compare", SC0, EX],
     "judge": ["judge", SC0],
     "judge-eval": ["judge-eval", "--labels", "labels.csv"],
+    "optimize": ["optimize", "--harmful", "h.jsonl", "--harmless", "b.jsonl", "--borderline", "none", "--trials", "2",
+                 "--startup", "1", "--gen-tokens", "2", "--kl-tokens", "2", "--no-test", *COMMON],
     "stats seeds": ["stats", "seeds", SC0, SC1],
     "stats ttest": ["stats", "ttest", SC0, SC1],
     "stats control": ["stats", "control", ST],
 }
 MODEL_COMMANDS = ("score", "extract", "ablate", "steer", "dose-response", "patch", "cones", "geometry",
-                  "plot-residuals")
+                  "plot-residuals", "optimize")
 SUBCOMMANDS = MODEL_COMMANDS + ("compare", "judge", "judge-eval", "imprint", "stats seeds", "stats ttest",
                                  "stats control")
 
@@ -656,6 +658,28 @@ for cid, extra, *needles in (
         ("other-as-other", ["--labels", "labels.csv", "--other-as", "other"], "--other-as")):
     case(f"judge-eval-{cid}", ["judge-eval", *extra], *needles)
 case("judge-eval-no-labels", ["judge-eval"], usage=True)
+
+# optimize -------------------------------------------------------------------------------------------------
+for cid, extra, *needles in (
+        ("objective-unknown", ["--objectives", "speed"], "--objectives", "speed"),
+        ("objective-twice", ["--objectives", "kl,kl"], "--objectives"),
+        ("form-unknown", ["--forms", "rotate"], "--forms", "rotate"),
+        ("scope-unknown", ["--scopes", "layerwise"], "--scopes", "layerwise"),
+        ("trials-zero", ["--trials", "0"], "--trials"),
+        ("kl-max-negative", ["--kl-max", "-1"], "--kl-max"),
+        ("kl-max-nan", ["--kl-max", "nan"], "--kl-max"),
+        ("position-zero", ["--position", "0"], "--position"),
+        ("orthogonalize-bogus", ["--orthogonalize", "maybe"], "--orthogonalize"),
+        ("warm-start-missing", ["--warm-start", "noprofile.json"], "--warm-start", "noprofile.json"),
+        ("heretic-missing", ["--heretic", "noheretic.csv"], "noheretic.csv"),
+        ("worker-without-study", ["--worker", "--name", "nostudy"], "nostudy"),
+        ("resume-without-study", ["--resume", "--name", "nostudy"], "nostudy"),
+        ("resume-without-name", ["--resume"], "--name"),
+        ("save-without-export", ["--save", "out"], "--export"),
+        ("export-missing-run", ["--export", "0", "--name", "nothere", "--save", "out"], "nothere"),
+        ("export-not-a-number", ["--export", "best", "--name", "nothere", "--save", "out"], "nothere"),
+        ("storage-bogus", ["--storage", "bogus://x"], "--storage")):
+    case(f"optimize-{cid}", base("optimize", *extra), *needles)
 
 # stats seeds ----------------------------------------------------------------------------------------------
 for cid, extra, *needles in (
