@@ -64,6 +64,15 @@ optimize-demo trials="30":
     refusal optimize --name {{demo_name}} --export chosen --save runs/models/optimize-{{demo_name}} --replace-save -q || refusal optimize --name {{demo_name}} --export chosen --save runs/models/optimize-{{demo_name}} --replace-save --adapter -q
     refusal score harmful harmless --split test --limit 60 --model runs/models/optimize-{{demo_name}} --judge {{judge}} --name optimize-{{demo_name}} --force
 
+# Cross-model warm start: two searches on Qwen2.5-Coder-1.5B-Instruct (the judge model, `--model judge-default`), one
+# cold and one that first tries the front of the optimize-demo run on the default model (as fractions of depth), and
+# trials-to-target for both. Needs `just optimize-demo` first.
+# Warm start from the default model's front to the 1.5B model: trials to target with and without
+warm-start-demo trials="12":
+    refusal optimize --model judge-default --trials {{trials}} --startup 6 --n-val 24 --no-test --judge {{judge}} --name warm-cold --force
+    refusal optimize --model judge-default --trials {{trials}} --startup 6 --n-val 24 --no-test --judge {{judge}} --warm-start runs/optimize/{{demo_name}} --name warm-warm --force
+    {{python}} scripts/trials_to_target.py runs/optimize/warm-cold runs/optimize/warm-warm --refusal 0.1 --kl 0.1
+
 # Benchmark: every pass in float32 and bfloat16 side by side with the ratio, then the demo's wall time
 bench:
     {{python}} scripts/bench.py

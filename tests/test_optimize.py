@@ -315,3 +315,16 @@ def test_optimize_bad_input(env, files):
     assert not (env / "optimize" / "bad").exists() and not (env / "optimize" / ".bad.study").exists()
     res = invoke(["optimize", "--resume", "--quiet"])
     assert res.exit_code == 2 and "name" in output_of(res)
+
+
+def test_trials_to_target_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ttt", Path(__file__).parents[1] / "scripts" / "trials_to_target.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    t = pd.DataFrame({"trial": [3, 0, 1, 2], "refusal": [0.0, 0.5, 0.05, 0.2], "kl": [0.01, 0.01, 0.3, 0.05]})
+    assert mod.trials_to_target(t, 0.1, 0.1) == 4  # trial 1 misses on KL; trial 3 is the 4th trial
+    assert mod.trials_to_target(t, 0.01, 0.001) is None
+    best = mod.best_by_budget(t, 0.1, [1, 3, 4])
+    assert best[1] == 0.5 and best[3] == 0.2 and best[4] == 0.0
