@@ -583,15 +583,16 @@ def _test(cfg, ses, judge, state, params, trial, H, B, O) -> pd.DataFrame:
         for ps in sets:
             iv = edit_hooks(model, edit) if edit is not None else None
             ev = evaluate(r, enc[ps.name], judged(ses.refusal_ids, judge, ps.prompts, windows),
-                          gen_tokens=max(cfg.gen_tokens, cfg.kl_tokens if ps.name == b_name and edit is None else 0),
-                          intervention=iv, desc=f"{cond} {ps.name}")
+                          gen_tokens=cfg.gen_tokens, intervention=iv, desc=f"{cond} {ps.name}")
             if edit is None:
                 base[ps.name] = ev
             kl = None if edit is None else ev.kl_from(base[ps.name])
             row = evaluation_row(ps.name, "test", cond, ev, kl)
             if ps.name == b_name:
                 if edit is None:
-                    refs = reference_completions(ev.tokens, cfg.kl_tokens)
+                    toks = ev.tokens if cfg.kl_tokens <= cfg.gen_tokens else evaluate(
+                        r, enc[ps.name], [], gen_tokens=cfg.kl_tokens, desc="reference completions").tokens
+                    refs = reference_completions(toks, cfg.kl_tokens)
                     row["kl_multi"] = 0.0
                 else:
                     row["kl_multi"] = forced_damage(r, enc[ps.name], refs, lambda e=edit: edit_hooks(model, e),
