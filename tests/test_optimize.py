@@ -328,3 +328,16 @@ def test_trials_to_target_script():
     assert mod.trials_to_target(t, 0.01, 0.001) is None
     best = mod.best_by_budget(t, 0.1, [1, 3, 4])
     assert best[1] == 0.5 and best[3] == 0.2 and best[4] == 0.0
+
+
+def test_random_control_keeps_kernel_and_form():
+    from experiments.optimize import _control_state
+
+    st = synthetic_state(3)
+    ctl = _control_state(st, 11)
+    assert torch.allclose(ctl.directions.norm(dim=1), st.directions.norm(dim=1), atol=1e-5)
+    for p in (params(), params(scope="per_layer", form="affine", activation_scaled=True, orthogonalize=True)):
+        a, b = st.edit(p), ctl.edit(p)
+        assert all(torch.equal(a.strengths[c], b.strengths[c]) for c in a.strengths) and a.form == b.form
+        assert (a.directions * b.directions).sum(1).abs().max() < 0.99  # another direction
+    assert torch.equal(_control_state(st, 11).directions, ctl.directions)  # seeded

@@ -317,7 +317,7 @@ def _module_means(runner: Runner, enc: Encoded, desc: str) -> dict:
 
     specs = [(site, l, make(comp, l)) for l in range(L) for comp, site in COMPONENTS.items()]
     with hooked(runner.model, specs, write=False, reach=Reach(read=True)):
-        runner.logits(enc, desc=desc)
+        runner.logits(enc, desc=desc, columns=[0])  # the decoder is what is read: one LM-head row, not the vocabulary
     return {c: (sums[c] / counts[c].clamp(min=1).unsqueeze(1)).float() for c in COMPONENTS}
 
 
