@@ -635,7 +635,13 @@ def _export(cfg) -> None:
     edit = state.edit(params)
     rec = meta.get("model") or {}
     with console.status("loading the source model"):
-        lm = load_model(cfg.model or rec.get("source") or None, dtype="float32", device="cpu")
+        spec = cfg.model or rec.get("id") or None  # the spec the search loaded (an alias, folder, .gguf or hub id)
+        try:
+            lm = load_model(spec, dtype="float32", device="cpu")
+        except ToolkitError:
+            if cfg.model or not rec.get("source"):
+                raise
+            lm = load_model(rec["source"], dtype="float32", device="cpu")  # e.g. a relative path from elsewhere
     if rec.get("hash") and lm.model_hash != rec["hash"]:
         raise ToolkitError(f"--model is not the run's model {rec.get('id')} (hash {rec['hash'][:12]})", param="model")
     source = Path(lm.source)
