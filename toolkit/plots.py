@@ -442,8 +442,11 @@ def pareto_plot(trials: pd.DataFrame, front: pd.DataFrame, path: Path, *, x: str
     if chosen is not None:
         ax.scatter([chosen[x]], [chosen[y]], s=140, facecolors="none", edgecolors="tab:blue", lw=1.6, zorder=4,
                    label="chosen trial")
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel(f"{x} (nats, symlog)" if x.startswith("kl") else x)
+    xmax = max([float(trials[x].max())] + [float(df[x].max()) for df in (others or {}).values() if len(df)])
+    log = xmax > 0.5  # a wide KL range on a symlog axis; otherwise linear
+    if log:
+        ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel((f"{x} (nats" + (", symlog)" if log else ")")) if x.startswith("kl") else x)
     ax.set_ylabel(f"{y} rate" if y in ("refusal", "over_refusal") else y)
     ax.set_ylim(-0.03, 1.03)
     ax.legend(fontsize=7, frameon=False, loc="best")
