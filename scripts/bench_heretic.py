@@ -271,28 +271,47 @@ def heretic_env(base: dict | None = None) -> dict:
 
 
 def ours_optimize_command(refusal: list[str], name: str, model: str, trials: int, system: str | None,
-                          extra: list[str] = ()) -> list[str]:
-    cmd = [*refusal, "optimize", "--name", name, "--model", model, "--trials", str(trials), "--force"]
-    if system is not None:
-        cmd += ["--system", system]
+                          extra: list[str] = (), *, startup: int | None = None, n_train: int | None = None,
+                          n_val: int | None = None, kl_max: float | None = None, dtype: str | None = None,
+                          batch_size: int | None = None) -> list[str]:
+    """``refusal optimize`` with the budget and data Heretic gets; ``--no-test``: the test split is scored here."""
+    cmd = [*refusal, "optimize", "--name", name, "--model", model, "--trials", str(trials), "--force", "--no-test"]
+    for flag, v in (("--startup", startup), ("--n-train", n_train), ("--n-val", n_val), ("--kl-max", kl_max),
+                    ("--dtype", dtype), ("--batch-size", batch_size), ("--system", system)):
+        if v is not None:
+            cmd += [flag, str(v)]
     return cmd + list(extra)
 
 
 def ours_export_command(refusal: list[str], name: str, trial: int, save: Path) -> list[str]:
-    return [*refusal, "optimize", "--name", name, "--export", str(trial), "--save", str(save)]
+    return [*refusal, "optimize", "--name", name, "--export", str(trial), "--save", str(save), "--replace-save"]
 
 
 def read_pareto_csv(path: Path) -> list[dict]:
-    """Our ``pareto.csv``: rows with ``trial`` (int), ``refusal_rate`` and ``kl`` (floats), other columns as text."""
+    """Our ``pareto.csv``: rows with ``trial`` (int), ``refusal_rate`` (the ``refusal`` objective, a rate; either
+    column name) and ``kl`` (floats); other columns as text."""
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
             r = dict(r)
             r["trial"] = int(float(r["trial"]))
-            r["refusal_rate"] = float(r["refusal_rate"])
+            r["refusal_rate"] = float(r["refusal_rate"] if r.get("refusal_rate") not in (None, "") else r["refusal"])
             r["kl"] = float(r["kl"])
             rows.append(r)
     return rows
+
+
+def mean_column(path: Path, column: str) -> tuple[int, float | None]:
+    """(rows, mean of a numeric column over the rows that have it) of a CSV file."""
+    n, vals = 0, []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            n += 1
+            try:
+                vals.append(float(r[column]))
+            except (KeyError, TypeError, ValueError):
+                pass
+    return n, (sum(vals) / len(vals) if vals else None)
 
 
 def heretic_trials(study: dict) -> list[dict]:
@@ -342,7 +361,10 @@ def phase_times(lines: list[tuple[float, str]]) -> dict[str, float]:
         out[phase] = nxt[0] - t
     sub = {"* Resetting model": None, "* Abliterating": "trial: abliterate", "* Evaluating": "trial: evaluate"}
     cur, since = None, 0.0
+    stop = next((t for t, p in starts if p == "menu and save"), math.inf)  # the chosen trial's restore is not one
     for t, x in lines:
+        if t > stop:
+            break
         s = x.strip()
         key = next((k for k in sub if s.startswith(k)), None)
         if cur is not None and (key is not None or s.startswith(("Elapsed time", "Running trial"))):
@@ -360,6 +382,15 @@ def kl_first_token(base_logits, edited_logits):
     lp = torch.log_softmax(base_logits.double(), -1)
     lq = torch.log_softmax(edited_logits.double(), -1)
     return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def saved_dtype(folder: str | Path) -> str | None:
+    """The dtype a checkpoint folder's ``config.json`` records (``dtype`` or the older ``torch_dtype``)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("dtype") or cfg.get("torch_dtype")
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -504,8 +535,10 @@ def run_ours(args, out: Path) -> dict:
     run_dir = runs_root() / "optimize" / name
     wall = None
     if not args.ours_run:
+        dtype = None if args.heretic_dtype == "auto" else args.heretic_dtype
         cmd = ours_optimize_command(refusal_cli(), name, str(Path(args.model).resolve()), args.trials, args.system,
-                                    args.ours_arg)
+                                    args.ours_arg, startup=args.startup_trials, n_train=args.n_train,
+                                    n_val=args.n_eval, kl_max=args.kl_max, dtype=dtype)
         print("running:", " ".join(cmd), flush=True)
         t = time.time()
         subprocess.run(cmd, check=True)
@@ -515,21 +548,19 @@ def run_ours(args, out: Path) -> dict:
     front = pareto_front(read_pareto_csv(run_dir / "pareto.csv"), refusals="refusal_rate")
     chosen = choose_trial(front, args.kl_max, refusals="refusal_rate")
     save = (out / "ours-model").resolve()
-    if save.exists():
-        shutil.rmtree(save)
-    subprocess.run(ours_export_command(refusal_cli(), name, chosen["trial"], save), check=True)
-    run = {}
-    if (run_dir / "run.json").exists():
-        run = json.loads((run_dir / "run.json").read_text())
-    n_trials = None
-    if (run_dir / "trials.csv").exists():
-        with open(run_dir / "trials.csv", newline="") as f:
-            n_trials = sum(1 for _ in csv.DictReader(f))
+    cmd = ours_export_command(refusal_cli(), name, chosen["trial"], save)
+    print("running:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    n_trials, trial_only = (mean_column(run_dir / "trials.csv", "seconds") if (run_dir / "trials.csv").exists()
+                            else (None, None))
     if wall is None:
-        wall = run.get("elapsed_s") or run.get("wall_s") or run.get("seconds")
+        wall = (run.get("timings") or {}).get("total")
     return {"tool": "ours", "run": name, "checkpoint": str(save), "wall_s": wall, "trials": n_trials,
-            "trial_s": wall / n_trials if wall and n_trials else None, "chosen_trial": chosen["trial"],
-            "own_refusal_rate": chosen["refusal_rate"], "own_kl": chosen["kl"], "pareto": front}
+            "trial_s": wall / n_trials if wall and n_trials else None, "trial_only_s": trial_only,
+            "phases_s": run.get("timings"), "chosen_trial": chosen["trial"],
+            "own_refusal_rate": chosen["refusal_rate"], "own_kl": chosen["kl"],
+            "pareto": [{k: v for k, v in r.items() if k in ("trial", "refusal_rate", "kl")} for r in front]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -541,6 +572,7 @@ def evaluate(checkpoints: dict[str, str | None], base: str, harmful: list[str], 
     """Score each checkpoint (``None``: the unedited base) on the test prompts: judged refusals of greedy
     completions of the harmful prompts, and mean first-token KL(base || edited) on the harmless ones."""
     import gc
+    import warnings
 
     import torch
 
@@ -550,6 +582,7 @@ def evaluate(checkpoints: dict[str, str | None], base: str, harmful: list[str], 
     from toolkit.stats import rate_ci
     from toolkit.templates import ChatFormat
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
     progress = sys.stderr.isatty()
     base_logits = None
     texts: dict[str, list[str]] = {}
@@ -568,7 +601,7 @@ def evaluate(checkpoints: dict[str, str | None], base: str, harmful: list[str], 
         kl = kl_first_token(base_logits, logits)
         texts[label or "unedited"] = out
         results[label or "unedited"] = {"kl_per_prompt": kl.tolist(), "kl": float(kl.mean()),
-                                        "eval_s": time.time() - t}
+                                        "eval_s": time.time() - t, "saved_dtype": saved_dtype(path)}
         del lm, runner
         gc.collect()
     judge = make_judge(judge_name, progress=progress)
@@ -654,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.prompts import load_prompt_set
     from toolkit.runs import runs_root
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     if args.model is None:
         args.model = str(load_model(None, dtype="float32").source)
     out = runs_root() / "bench-heretic" / args.name
@@ -710,6 +743,10 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("phases_s"):
             console.print(f"{r['tool']} time by phase: " + ", ".join(f"{k} {fmt_seconds(v)}"
                                                                   for k, v in r["phases_s"].items()))
+    dtypes = {r["tool"]: r["test"].get("saved_dtype") for r in rows}
+    if len(set(dtypes.values())) > 1 and args.dtype != "bfloat16":
+        console.print(f"note: checkpoints saved in different dtypes {dtypes}; the KL of a bfloat16 export against "
+                      f"a float32 base includes bfloat16 rounding (score with --dtype bfloat16 to cancel it)")
     console.print(f"evaluation {fmt_seconds(eval_s)}; results in {out}")
     return 0
 

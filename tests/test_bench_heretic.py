@@ -121,10 +121,11 @@ def test_commands():
     assert bh.heretic_command(venv) == ["/v/bin/heretic"]
     env = bh.heretic_env({"PATH": "/bin"})
     assert env[bh.MENU_ENV] and env["PATH"] == "/bin"
-    assert bh.ours_optimize_command(["refusal"], "n", "/m", 5, "S") == [
-        "refusal", "optimize", "--name", "n", "--model", "/m", "--trials", "5", "--force", "--system", "S"]
+    assert bh.ours_optimize_command(["refusal"], "n", "/m", 5, "S", ["--gen-tokens", "32"], startup=2, n_val=8) == [
+        "refusal", "optimize", "--name", "n", "--model", "/m", "--trials", "5", "--force", "--no-test",
+        "--startup", "2", "--n-val", "8", "--system", "S", "--gen-tokens", "32"]
     assert bh.ours_export_command(["refusal"], "n", 3, Path("/o")) == [
-        "refusal", "optimize", "--name", "n", "--export", "3", "--save", "/o"]
+        "refusal", "optimize", "--name", "n", "--export", "3", "--save", "/o", "--replace-save"]
     assert bh.default_startup_trials(200) == 60 and bh.default_startup_trials(2) == 1
 
 
@@ -133,6 +134,9 @@ def test_read_pareto_and_study(tmp_path):
     f.write_text("trial,refusal_rate,kl,layer\n3,0.25,0.05,10\n7,0.0,0.3,12\n")
     rows = bh.read_pareto_csv(f)
     assert rows[0]["trial"] == 3 and rows[1]["kl"] == 0.3 and rows[0]["layer"] == "10"
+    f.write_text("trial,refusal,kl,seconds\n3,0.25,0.05,10\n7,0.0,0.3,\n")  # refusal optimize's own columns
+    assert [r["refusal_rate"] for r in bh.read_pareto_csv(f)] == [0.25, 0.0]
+    assert bh.mean_column(f, "seconds") == (2, 10.0)
     study = {"trials": [
         {"number": 0, "state": "COMPLETE", "params": {"a": 1}, "duration_s": 10.0,
          "user_attrs": {"index": 1, "refusals": 4, "kl_divergence": 0.02, "n_bad_prompts": 10}},
@@ -148,7 +152,7 @@ def test_phase_times():
              (41.0, "* Resetting model..."), (42.0, "* Abliterating..."), (44.0, "* Evaluating..."),
              (54.0, "Elapsed time: 14s"), (55.0, "Running trial 2 of 2..."), (56.0, "* Abliterating..."),
              (57.0, "* Evaluating..."), (67.0, "Elapsed time: 27s"), (68.0, "Optimization finished!"),
-             (80.0, "Model saved to /o.")]
+             (70.0, "* Abliterating..."), (80.0, "Model saved to /o.")]
     ph = bh.phase_times(lines)
     assert ph["load model"] == 4.0 and ph["response prefix check"] == 14.0 and ph["base evaluation"] == 10.0
     assert ph["trials"] == 28.0 and ph["menu and save"] == 12.0
@@ -163,3 +167,9 @@ def test_kl_and_format():
     kl = bh.kl_first_token(a, torch.zeros(2, 3))
     assert kl[0] > 0 and kl[1] == 0
     assert bh.fmt_seconds(None) == "-" and bh.fmt_seconds(30) == "30.0 s" and bh.fmt_seconds(600) == "10.0 min"
+
+
+def test_saved_dtype(tmp_path):
+    (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    assert bh.saved_dtype(tmp_path) == "bfloat16"
+    assert bh.saved_dtype(tmp_path / "missing") is None
