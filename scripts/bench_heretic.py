@@ -273,11 +273,11 @@ def heretic_env(base: dict | None = None) -> dict:
 def ours_optimize_command(refusal: list[str], name: str, model: str, trials: int, system: str | None,
                           extra: list[str] = (), *, startup: int | None = None, n_train: int | None = None,
                           n_val: int | None = None, kl_max: float | None = None, dtype: str | None = None,
-                          batch_size: int | None = None) -> list[str]:
+                          batch_size: int | None = None, forms: str | None = None) -> list[str]:
     """``refusal optimize`` with the budget and data Heretic gets; ``--no-test``: the test split is scored here."""
     cmd = [*refusal, "optimize", "--name", name, "--model", model, "--trials", str(trials), "--force", "--no-test"]
     for flag, v in (("--startup", startup), ("--n-train", n_train), ("--n-val", n_val), ("--kl-max", kl_max),
-                    ("--dtype", dtype), ("--batch-size", batch_size), ("--system", system)):
+                    ("--dtype", dtype), ("--batch-size", batch_size), ("--forms", forms), ("--system", system)):
         if v is not None:
             cmd += [flag, str(v)]
     return cmd + list(extra)
@@ -538,7 +538,7 @@ def run_ours(args, out: Path) -> dict:
         dtype = None if args.heretic_dtype == "auto" else args.heretic_dtype
         cmd = ours_optimize_command(refusal_cli(), name, str(Path(args.model).resolve()), args.trials, args.system,
                                     args.ours_arg, startup=args.startup_trials, n_train=args.n_train,
-                                    n_val=args.n_eval, kl_max=args.kl_max, dtype=dtype)
+                                    n_val=args.n_eval, kl_max=args.kl_max, dtype=dtype, forms=args.ours_forms or None)
         print("running:", " ".join(cmd), flush=True)
         t = time.time()
         subprocess.run(cmd, check=True)
@@ -672,6 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--skip-heretic", action="store_true")
     p.add_argument("--ours-run", default=None, help="reuse this `refusal optimize` run instead of starting one")
+    p.add_argument("--ours-forms", default="projection,norm_preserving",
+                   help="edit forms our search may use (`refusal optimize --forms`); the default leaves out 'affine', "
+                        "which cannot be exported as a merged checkpoint of a model whose o_proj/down_proj have no "
+                        "bias (Qwen2, Llama); '' = optimize's own default")
     p.add_argument("--ours-arg", action="append", default=[], help="extra argument for `refusal optimize` "
                    "(repeatable)")
     p.add_argument("--force", action="store_true", help="start Heretic's study afresh")

@@ -121,9 +121,10 @@ def test_commands():
     assert bh.heretic_command(venv) == ["/v/bin/heretic"]
     env = bh.heretic_env({"PATH": "/bin"})
     assert env[bh.MENU_ENV] and env["PATH"] == "/bin"
-    assert bh.ours_optimize_command(["refusal"], "n", "/m", 5, "S", ["--gen-tokens", "32"], startup=2, n_val=8) == [
+    assert bh.ours_optimize_command(["refusal"], "n", "/m", 5, "S", ["--gen-tokens", "32"], startup=2, n_val=8,
+                                    forms="projection") == [
         "refusal", "optimize", "--name", "n", "--model", "/m", "--trials", "5", "--force", "--no-test",
-        "--startup", "2", "--n-val", "8", "--system", "S", "--gen-tokens", "32"]
+        "--startup", "2", "--n-val", "8", "--forms", "projection", "--system", "S", "--gen-tokens", "32"]
     assert bh.ours_export_command(["refusal"], "n", 3, Path("/o")) == [
         "refusal", "optimize", "--name", "n", "--export", "3", "--save", "/o", "--replace-save"]
     assert bh.default_startup_trials(200) == 60 and bh.default_startup_trials(2) == 1
