@@ -73,6 +73,14 @@ warm-start-demo trials="12":
     refusal optimize --model judge-default --trials {{trials}} --startup 6 --n-val 24 --no-test --judge {{judge}} --warm-start runs/optimize/{{demo_name}} --name warm-warm --force
     {{python}} scripts/trials_to_target.py runs/optimize/warm-cold runs/optimize/warm-warm --refusal 0.1 --kl 0.1
 
+# Heretic 1.4.0 (its own venv under runs/, run, never imported) and `refusal optimize` on the default model with the
+# same prompts and trial budget; both chosen edits scored by one judge on the test split (60 prompts per set,
+# 64-token completions). Heretic keeps its own search-time judge with 32-token responses (its default is 100), and a
+# fixed batch size (its batch-size search took 12 minutes here).
+# Side by side with Heretic at an equal trial budget
+bench-heretic trials="10":
+    {{python}} scripts/bench_heretic.py --name side{{trials}} --trials {{trials}} --startup-trials 3 --batch-size 16 --heretic-dtype bfloat16 --dtype bfloat16 --no-prefix-check --heretic-max-tokens 32 --n-test 60 --gen-tokens 64 --force
+
 # Benchmark: every pass in float32 and bfloat16 side by side with the ratio, then the demo's wall time
 bench:
     {{python}} scripts/bench.py
