@@ -58,7 +58,7 @@ dose-response-demo:
 # and more: norm-preserving and affine edits, activation-scaled strengths), the chosen trial on the test split beside
 # a random-direction control, then the chosen trial exported (merged; an affine edit as a PEFT adapter) and the
 # exported model re-scored with `refusal score --model`.
-# The abliteration search, export and re-score (budget sized for about 20 minutes here)
+# The abliteration search, export and re-score (30 trials: 16 min here while sharing the CPU; a trial alone ~4 s)
 optimize-demo trials="30":
     refusal optimize --trials {{trials}} --startup 10 --n-val 32 --controls 1 --test-limit 60 --judge {{judge}} --name {{demo_name}} --force
     refusal optimize --name {{demo_name}} --export chosen --save runs/models/optimize-{{demo_name}} --replace-save -q || refusal optimize --name {{demo_name}} --export chosen --save runs/models/optimize-{{demo_name}} --replace-save --adapter -q
