@@ -162,12 +162,18 @@ def run_trials(study, space: SearchSpace, state: SearchState, evaluator: TrialEv
                timeout: float | None, kl_max: float, progress: bool) -> int:
     """Ask, evaluate and tell trials until the study holds ``budget`` finished or running trials (every worker's
     together) or ``timeout`` seconds pass. A trial asked beyond the budget (another worker took the last one
-    meanwhile) is told failed and marked ``over_budget``, so the budget is never exceeded. Returns the number of
-    trials this process finished."""
+    meanwhile) is told failed and marked ``over_budget``, so the budget is never exceeded. A trial whose edit or
+    evaluation raises :class:`ToolkitError` is told failed (its message kept as ``error``) and the search goes on;
+    Ctrl-C fails the running trial and queues its parameters again. Returns the number of trials this process
+    finished.
+
+    Raises:
+        ToolkitError: 20 trials in a row failed.
+    """
     from optuna.trial import TrialState
     from tqdm import tqdm
 
-    t_start, done = time.time(), 0
+    t_start, done, failures = time.time(), 0, 0
     bar = tqdm(total=budget, initial=min(len(_counted(study)), budget), desc="trials", unit="trial",
                disable=not progress, dynamic_ncols=True)
     try:
@@ -191,6 +197,9 @@ def run_trials(study, space: SearchSpace, state: SearchState, evaluator: TrialEv
             except ToolkitError as e:
                 trial.set_user_attr("error", str(e))
                 study.tell(trial, state=TrialState.FAIL)
+                failures += 1
+                if failures >= 20:
+                    raise ToolkitError(f"20 trials in a row failed; the last: {e}") from None
                 continue
             except KeyboardInterrupt:  # Ctrl-C: the trial is failed and queued again for --resume
                 trial.set_user_attr("interrupted", True)
@@ -200,7 +209,7 @@ def run_trials(study, space: SearchSpace, state: SearchState, evaluator: TrialEv
             trial.set_user_attr("seconds", round(time.time() - t0, 3))
             trial.set_user_attr("measures", values)
             study.tell(trial, [values[o] for o in objectives])
-            done += 1
+            done, failures = done + 1, 0
             bar.update(1)
             if progress:
                 bar.set_postfix_str(_front_text(study, objectives, kl_max))
