@@ -341,3 +341,26 @@ def test_random_control_keeps_kernel_and_form():
         assert all(torch.equal(a.strengths[c], b.strengths[c]) for c in a.strengths) and a.form == b.form
         assert (a.directions * b.directions).sum(1).abs().max() < 0.99  # another direction
     assert torch.equal(_control_state(st, 11).directions, ctl.directions)  # seeded
+
+
+def test_failing_trials_are_kept_and_a_run_of_failures_stops():
+    from experiments.optimize import _sampler, run_trials
+
+    calls = {"n": 0}
+
+    def flaky(edit):
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise ToolkitError("norm-preserving edit zeroes a weight row")
+        return {"refusal": 0.5, "kl": 0.1}
+
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(None, 2, 0))
+    assert run_trials(study, SearchSpace(), synthetic_state(), flaky, ("refusal", "kl"), 3, None, 0.1, False) == 3
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 3 and all("zeroes" in t.user_attrs["error"] for t in failed)
+
+    def broken(edit):
+        raise ToolkitError("always")
+
+    with pytest.raises(ToolkitError, match="20 trials in a row"):
+        run_trials(study, SearchSpace(), synthetic_state(), broken, ("refusal", "kl"), 10, None, 0.1, False)
