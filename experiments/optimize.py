@@ -122,8 +122,9 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _fail_dead_trials(study) -> int:
-    """Mark RUNNING trials of dead processes on this machine as failed and queue their parameters again."""
+def _fail_dead_trials(study, requeue: bool = True) -> int:
+    """Mark RUNNING trials of dead processes on this machine as failed and (``requeue``) queue their parameters
+    again. Returns how many were failed."""
     from optuna.trial import TrialState
 
     n = 0
@@ -139,7 +140,7 @@ def _fail_dead_trials(study) -> int:
         except PermissionError:
             continue
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        if t.params:
+        if requeue and t.params:
             study.enqueue_trial(t.params, skip_if_exists=False)
         n += 1
     return n
@@ -266,8 +267,13 @@ def _prompt_sets(cfg):
     return sets[0], sets[1], (sets[2] if len(sets) > 2 else None)
 
 
-def _evaluator(cfg, ses, judge, objectives, H, B, O, cset=None) -> TrialEvaluator:
+def _evaluator(cfg, ses, judge, objectives, H, B, O) -> TrialEvaluator:
     r = ses.runner
+    cset = None
+    if "capability" in objectives:
+        from toolkit.capability import load_capability_set
+
+        cset = load_capability_set(None)
     hv, bv = H.select("val").head(cfg.n_val), B.select("val").head(cfg.n_val)
     ov = O.select("val").head(cfg.n_val) if O is not None else None
     return TrialEvaluator(r, objectives, harmful=(r.encode(hv.prompts), hv.prompts), harmless=r.encode(bv.prompts),
@@ -395,13 +401,8 @@ def _search(cfg, run, name, work, objectives, started: list) -> Path:
             console.print(f"{n} trial(s) of killed processes marked failed; their parameters are tried again")
     state.save(run.path("search.safetensors"))
     run.time("search_state", time.time() - t0)
-    cset = None
-    if "capability" in objectives:
-        from toolkit.capability import load_capability_set
-
-        cset = load_capability_set(None)
     t0 = time.time()
-    evaluator = _evaluator(cfg, ses, judge, objectives, H, B, O, cset)
+    evaluator = _evaluator(cfg, ses, judge, objectives, H, B, O)
     if "baseline" not in study.user_attrs:
         study.set_user_attr("baseline", evaluator(None))
     baseline = study.user_attrs["baseline"]
@@ -476,26 +477,12 @@ def _wait_for_workers(study, limit_s: float = 3600) -> None:
 
     t0 = time.time()
     while time.time() - t0 < limit_s:
-        _fail_dead_trials_no_requeue(study)
+        _fail_dead_trials(study, requeue=False)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return
         console.print(f"waiting for {len(running)} trial(s) of other workers", end="\r")
         time.sleep(2)
-
-
-def _fail_dead_trials_no_requeue(study) -> None:
-    from optuna.trial import TrialState
-
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if host == socket.gethostname() and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            except PermissionError:
-                pass
 
 
 def _work(cfg, name, work) -> None:
@@ -519,12 +506,7 @@ def _work(cfg, name, work) -> None:
     ses = cfg.open_session()
     _check_model(study, ses.lm)
     judge = cfg.open_judge(quiet=cfg.quiet)
-    cset = None
-    if "capability" in objectives:
-        from toolkit.capability import load_capability_set
-
-        cset = load_capability_set(None)
-    evaluator = _evaluator(cfg, ses, judge, objectives, H, B, O, cset)
+    evaluator = _evaluator(cfg, ses, judge, objectives, H, B, O)
     done = run_trials(study, _space(cfg), state, evaluator, objectives, cfg.trials, cfg.timeout, cfg.kl_max,
                       progress=not cfg.quiet)
     console.print(f"worker {_worker_id()} finished {done} trial(s) of study {name}")

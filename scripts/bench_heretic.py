@@ -72,25 +72,37 @@ json.dump({"user_attrs": study.user_attrs, "trials": trials}, sys.stdout, defaul
 # ---------------------------------------------------------------------------------------------------------------
 
 def pareto_front(trials: list[dict], refusals: str = "refusals", kl: str = "kl") -> list[dict]:
-    """Trials not dominated in (refusals, kl), both minimised; sorted by refusals then KL. Of exact ties the
-    first one is kept."""
-    front, best_kl = [], math.inf
-    for t in sorted(trials, key=lambda t: (t[refusals], t[kl])):
-        if t[kl] < best_kl:
-            front.append(t)
-            best_kl = t[kl]
-    return front
+    """Trials not dominated in (refusals, kl), both minimised (:func:`toolkit.optimize.pareto_mask`); sorted by
+    refusals then KL. Of exact ties the first one is kept."""
+    from toolkit.optimize import pareto_mask
+
+    seen, unique = set(), []
+    for t in trials:
+        if (t[refusals], t[kl]) not in seen:
+            seen.add((t[refusals], t[kl]))
+            unique.append(t)
+    if not unique:
+        return []
+    mask = pareto_mask([[t[refusals], t[kl]] for t in unique], ["minimize", "minimize"])
+    return sorted((t for t, keep in zip(unique, mask) if keep), key=lambda t: (t[refusals], t[kl]))
 
 
 def choose_trial(front: list[dict], kl_max: float, refusals: str = "refusals", kl: str = "kl") -> dict:
-    """The rule both tools share: fewest refusals among Pareto trials with KL <= ``kl_max`` (ties: lower KL), else
-    the lowest-KL Pareto trial."""
+    """The rule both tools share, :func:`toolkit.optimize.choose_trial`: fewest refusals among Pareto trials with KL
+    <= ``kl_max`` (ties: lower KL), else the lowest-KL Pareto trial.
+
+    Raises:
+        ValueError: an empty front.
+    """
+    import pandas as pd
+
+    from toolkit.optimize import choose_trial as rule
+
     if not front:
         raise ValueError("no Pareto trials to choose from")
-    ok = [t for t in front if t[kl] <= kl_max]
-    if ok:
-        return min(ok, key=lambda t: (t[refusals], t[kl]))
-    return min(front, key=lambda t: (t[kl], t[refusals]))
+    df = pd.DataFrame(front).reset_index(drop=True)
+    row, _ = rule(df.assign(_i=range(len(df))), kl_max, refusal_key=refusals, kl_key=kl)
+    return front[int(row["_i"])]
 
 
 _CHOICE = re.compile(r"^\s*\[(\d+)\]\s+(.*?)\s*$")
@@ -546,7 +558,7 @@ def run_ours(args, out: Path) -> dict:
     if not (run_dir / "pareto.csv").exists():
         raise RuntimeError(f"{run_dir}/pareto.csv missing: no `refusal optimize` run named {name!r}")
     front = pareto_front(read_pareto_csv(run_dir / "pareto.csv"), refusals="refusal_rate")
-    chosen = choose_trial(front, args.kl_max, refusals="refusal_rate")
+    chosen = choose_trial(front, args.kl_max, refusals="refusal_rate")  # the rule `refusal optimize` applied too
     save = (out / "ours-model").resolve()
     cmd = ours_export_command(refusal_cli(), name, chosen["trial"], save)
     print("running:", " ".join(cmd), flush=True)
