@@ -170,27 +170,24 @@ class WeightEdit:
             raise ToolkitError(f"edit directions must be [n_layers, d_model], got {tuple(d.shape)}")
         object.__setattr__(self, "directions", unit_rows(d, "edit direction"))
         n = d.shape[0]
-        st = {}
-        for comp, w in self.strengths.items():
+        def per_layer(values, what: str) -> torch.Tensor:  # n finite values as float64 on the CPU
+            v = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+            if v.shape != (n,) or not bool(torch.isfinite(v).all()):
+                raise ToolkitError(f"{what} must be {n} finite values, got shape {tuple(v.shape)}")
+            return v
+
+        for comp in self.strengths:
             if comp not in COMPONENTS:
                 raise ToolkitError(f"unknown component {comp!r}; choose from {', '.join(COMPONENTS)}")
-            w = torch.as_tensor(w, dtype=torch.float64).detach().cpu()
-            if w.shape != (n,) or not bool(torch.isfinite(w).all()):
-                raise ToolkitError(f"strengths of {comp} must be {n} finite values, got shape {tuple(w.shape)}")
-            st[comp] = w
+        st = {comp: per_layer(w, f"strengths of {comp}") for comp, w in self.strengths.items()}
         object.__setattr__(self, "strengths", st)
         if self.form == "affine":
             refs = self.references or {}
-            out = {}
-            for comp in st:
-                c = refs.get(comp)
-                if c is None:
-                    raise ToolkitError(f"an affine edit needs reference levels for {comp}")
-                c = torch.as_tensor(c, dtype=torch.float64).detach().cpu()
-                if c.shape != (n,) or not bool(torch.isfinite(c).all()):
-                    raise ToolkitError(f"reference levels of {comp} must be {n} finite values")
-                out[comp] = c
-            object.__setattr__(self, "references", out)
+            missing = [comp for comp in st if refs.get(comp) is None]
+            if missing:
+                raise ToolkitError(f"an affine edit needs reference levels for {missing[0]}")
+            object.__setattr__(self, "references",
+                               {comp: per_layer(refs[comp], f"reference levels of {comp}") for comp in st})
 
     @property
     def n_layers(self) -> int:

@@ -25,9 +25,8 @@ import torch
 
 from .abliteration import WeightEdit, _check_fits, _module, apply_weight_edit
 from .errors import ToolkitError
-from .fileio import atomic_dir
 from .interventions import orthogonalize_weights
-from .models import DTYPES, strip_gguf_quantization, write_checkpoint
+from .models import DTYPES, save_folder, strip_gguf_quantization, write_checkpoint
 
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -336,16 +335,12 @@ def export_adapter(source: Path, edit: WeightEdit, dest: Path, *, rank: int = 8,
             lora.lora_B["default"].weight.copy_(B.float())
             if use_bias:
                 lora.lora_B["default"].bias.copy_(db.float())
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(dest) as tmp, warnings.catch_warnings():
-        # PEFT 0.21 takes the 1-D lora_B biases for unsharded ZeRO-3/FSDP tensors and warns; they are complete
-        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape.*")
-        try:
+    def save(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            # PEFT 0.21 takes the 1-D lora_B biases for unsharded ZeRO-3/FSDP tensors and warns; they are complete
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape.*")
             peft_model.save_pretrained(str(tmp))
-        except Exception as e:
-            raise ToolkitError(f"could not save the adapter {dest}: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from None
-        for fname, text in (extra or {}).items():
-            (tmp / fname).write_text(text)
+
+    save_folder(dest, save, "the adapter", extra)
     return {"stored_dtype": _dtype_name(stored), "saved_dtype": "float32", "form": edit.form, "r": r,
             "lora_bias": use_bias, "target_modules": list(names.values()), "approx_rel_error": err}

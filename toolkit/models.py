@@ -410,14 +410,28 @@ def write_checkpoint(model, tokenizer, dest: Path, *, extra: dict[str, str] | No
     Raises:
         ToolkitError: transformers could not save (the partial folder is removed).
     """
+    def save(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    save_folder(dest, save, "the checkpoint", extra)
+
+
+def save_folder(dest: Path, save, what: str, extra: dict[str, str] | None = None) -> None:
+    """Write a folder atomically: ``save(tmp)`` fills a hidden sibling folder, ``extra`` text files (``{name:
+    content}``) are added, and the folder is renamed into place only when complete, replacing an existing ``dest``
+    (callers decide whether that is allowed). Its mode follows the umask.
+
+    Raises:
+        ToolkitError: ``save`` failed (named as ``what``; the partial folder is removed).
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(dest) as tmp:  # mode follows the umask (mkdtemp's 0700 would hide it from colleagues)
         try:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
+            save(tmp)
         except Exception as e:
-            raise ToolkitError(f"could not save the checkpoint {dest}: {type(e).__name__}: "
+            raise ToolkitError(f"could not save {what} {dest}: {type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from None
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
