@@ -17,6 +17,7 @@ from .geometry import geometry
 from .imprint import imprint_cmd
 from .judge import judge
 from .judge_eval import judge_eval
+from .models import models
 from .optimize import optimize
 from .plot_residuals import plot_residuals
 from .score import score
@@ -74,6 +75,7 @@ app.command("imprint")(imprint_cmd)
 app.command("plot-residuals")(plot_residuals)
 app.command("judge-eval")(judge_eval)
 app.command("optimize")(optimize)
+app.command("models")(models)
 
 
 def main() -> None:

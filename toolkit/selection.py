@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from .errors import ToolkitError
+from .estimators import CAA_ANSWERS, Estimate, check_method, estimate
 from .evaluation import Evaluation, evaluate, judged
 from .interventions import activation_addition, directional_ablation
 from .runner import Encoded, Runner
@@ -247,6 +248,12 @@ class Candidates:
         harmful_refused: marker-judge verdict on every harmful training prompt (None if not judged).
         harmful_scores, harmless_scores: baseline logit refusal scores of every training prompt.
         mean_harmful, mean_harmless: the two means ``[n_layers, n_pos, d_model]`` float64.
+        method: the estimator of ``dirs`` (:data:`toolkit.estimators.METHODS`).
+        diff_means: difference-in-means of the kept prompts ``[n_layers, n_pos, d_model]`` float64 (equal to
+            ``dirs`` for ``diff-means``; for ``caa`` at ``positions`` of the prompts, not of the answers).
+        estimate: the estimator's full result (probe accuracies, group sizes, info), or None.
+        acts_harmful, acts_harmless: the kept prompts' activations ``[n_kept, n_layers, n_pos', d_model]`` float32
+            at the prompts' post-instruction positions (for probes of any candidate), or None.
     """
 
     dirs: torch.Tensor
@@ -259,12 +266,19 @@ class Candidates:
     harmless_scores: np.ndarray
     mean_harmful: torch.Tensor
     mean_harmless: torch.Tensor
+    method: str = "diff-means"
+    diff_means: torch.Tensor | None = None
+    estimate: Estimate | None = None
+    acts_harmful: torch.Tensor | None = None
+    acts_harmless: torch.Tensor | None = None
 
 
 def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusal_ids: list[int],
                      filter_by: str = "judge", judge_tokens: int = 12, layers: Sequence[int] | None = None,
-                     positions: Sequence[int] | None = None) -> Candidates:
-    """Difference-in-means at ``resid_pre`` of every layer x post-instruction position (Arditi et al. 2024).
+                     positions: Sequence[int] | None = None, method: str = "diff-means", seed: int = 0,
+                     harmful_texts: Sequence[str] | None = None) -> Candidates:
+    """Candidate directions at ``resid_pre`` of every layer x post-instruction position: difference-in-means
+    (Arditi et al. 2024) or another estimator of :mod:`toolkit.estimators` (``method``).
 
     The training prompts are filtered first: with ``filter_by="judge"`` harmful prompts whose greedy
     completion (``judge_tokens`` tokens) the marker judge calls a refusal; with ``"score"`` harmful prompts with
@@ -275,12 +289,24 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
     ``layers``/``positions`` restrict the candidates (default: every layer, every post-instruction position);
     ``layers`` are resolved indices (:meth:`toolkit.index_spec.LayerSpec.resolve`), used in increasing order.
 
+    Estimators and their groups: ``diff-means``, ``geometric-median``, ``pca``, ``probe``: kept harmful vs kept
+    harmless prompts. ``refused-minus-complied``: every harmful training prompt split by the marker judge's
+    non-compliance verdict on its ``judge_tokens``-token completion (the filter is not applied; both groups must be
+    non-empty). ``caa``: the kept harmful prompts each followed by the refusal and by the compliance opener of
+    :data:`toolkit.estimators.CAA_ANSWERS`, read at the opener's last token (two extra capture passes that stop after
+    the last needed layer); its candidates have the single position ``-1`` (of prompt + opener), so ``positions``
+    does not apply; it needs ``harmful_texts`` (the instructions behind ``harmful``). ``seed`` seeds the probe's
+    cross-validation folds.
+
     Raises:
-        ToolkitError: unknown filter, a position that is not post-instruction, or a side with no prompt left
-            after filtering.
+        ToolkitError: unknown filter or method, a position that is not post-instruction, a side with no prompt
+            left after filtering, an empty group for ``refused-minus-complied``, ``caa`` without ``harmful_texts``.
     """
     if filter_by not in ("judge", "score", "none"):
         raise ToolkitError(f"must be judge, score or none, got {filter_by!r}", param="filter_by")
+    check_method(method)
+    if method == "caa" and (harmful_texts is None or len(harmful_texts) != len(harmful)):
+        raise ToolkitError("the caa estimator needs the harmful training instructions", param="harmful_texts")
     n, post = runner.lm.n_layers, runner.fmt.post_positions()
     layers = list(range(n)) if layers is None else sorted(set(layers))
     if positions is None:
@@ -292,7 +318,8 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
                                f"({post[0]}..{post[-1]})", param="positions")
         positions = sorted(set(positions))
     with runner.capture(len(harmful), layers, ["resid_pre"], positions) as acts_h:
-        ev_h = evaluate(runner, harmful, judged(refusal_ids), gen_tokens=judge_tokens if filter_by == "judge" else 0,
+        need_verdict = filter_by == "judge" or method == "refused-minus-complied"
+        ev_h = evaluate(runner, harmful, judged(refusal_ids), gen_tokens=judge_tokens if need_verdict else 0,
                         desc="harmful train")
     with runner.capture(len(harmless), layers, ["resid_pre"], positions) as acts_b:
         ev_b = evaluate(runner, harmless, judged(refusal_ids), desc="harmless train")
@@ -306,7 +333,27 @@ def build_candidates(runner: Runner, harmful: Encoded, harmless: Encoded, refusa
     if len(keep_h) == 0 or len(keep_b) == 0:
         raise ToolkitError(f"training filter left {len(keep_h)} harmful and {len(keep_b)} harmless prompts; "
                            "use `filter_by` none or more prompts")
-    mh = acts_h["resid_pre"][torch.as_tensor(keep_h)].double().mean(0)
-    mb = acts_b["resid_pre"][torch.as_tensor(keep_b)].double().mean(0)
-    return Candidates(mh - mb, layers, positions, keep_h.tolist(), keep_b.tolist(),
-                      ev_h.noncompliance, ev_h.scores, ev_b.scores, mh, mb)
+    ah = acts_h["resid_pre"][torch.as_tensor(keep_h)]
+    ab = acts_b["resid_pre"][torch.as_tensor(keep_b)]
+    mh, mb = ah.double().mean(0), ab.double().mean(0)
+    if method == "refused-minus-complied":
+        verdict = np.asarray(ev_h.noncompliance, bool)
+        if verdict.all() or not verdict.any():
+            raise ToolkitError(f"refused-minus-complied needs harmful training prompts the model refuses and ones it "
+                               f"answers; it refused {int(verdict.sum())} of {len(verdict)}", param="method")
+        all_h = acts_h["resid_pre"]
+        est = estimate(method, all_h[torch.as_tensor(np.flatnonzero(verdict))],
+                       all_h[torch.as_tensor(np.flatnonzero(~verdict))], seed=seed)
+    elif method == "caa":
+        texts = [harmful_texts[i] for i in keep_h]
+        refuse, comply = (runner.collect(runner.encode_continued(texts, a), layers, ["resid_pre"], [-1],
+                                         desc=f"caa {kind}")["resid_pre"]
+                          for a, kind in zip(CAA_ANSWERS, ("refusal", "compliance")))
+        est = estimate(method, refuse, comply, seed=seed)
+        positions = [-1]
+        mh, mb = mh[:, [-1]], mb[:, [-1]]  # the prompts' own means at their last given position, for cosines
+        ah, ab = ah[:, :, [-1]], ab[:, :, [-1]]
+    else:
+        est = estimate(method, ah, ab, seed=seed)
+    return Candidates(est.directions, layers, positions, keep_h.tolist(), keep_b.tolist(),
+                      ev_h.noncompliance, ev_h.scores, ev_b.scores, mh, mb, method, mh - mb, est, ah, ab)

@@ -195,7 +195,8 @@ class ModelOptions(CommandConfig):
     the former ``experiments/common.py``)."""
 
     model: Annotated[Optional[str], Cli("--model", "-m")] = Field(
-        None, description="Hugging Face id, local folder or .gguf file [default: the offline "
+        None, description="Hugging Face id, local folder, .gguf file, PEFT adapter folder or an offline alias "
+        "(`refusal models`: qwen-coder-0.5b, qwen-coder-1.5b, smollm2-135m) [default: the offline "
         "Qwen2.5-Coder-0.5B-Instruct Q4_K_M]")
     dtype: str = Field("auto", description="compute dtype: auto (bfloat16 on CUDA and on CPUs with native bfloat16, "
                        "else float32; $REFUSAL_TOOLKIT_AUTO_DTYPE overrides it), float32, bfloat16, float16. "
