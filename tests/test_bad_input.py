@@ -94,13 +94,14 @@ BASE = {
     "judge-eval": ["judge-eval", "--labels", "labels.csv"],
     "optimize": ["optimize", "--harmful", "h.jsonl", "--harmless", "b.jsonl", "--borderline", "none", "--trials", "2",
                  "--startup", "1", "--gen-tokens", "2", "--kl-tokens", "2", "--no-test", *COMMON],
+    "models": ["models", "smollm2-135m", "--json-out"],
     "stats seeds": ["stats", "seeds", SC0, SC1],
     "stats ttest": ["stats", "ttest", SC0, SC1],
     "stats control": ["stats", "control", ST],
 }
 MODEL_COMMANDS = ("score", "extract", "ablate", "steer", "dose-response", "patch", "cones", "geometry",
                   "plot-residuals", "optimize")
-SUBCOMMANDS = MODEL_COMMANDS + ("compare", "judge", "judge-eval", "imprint", "stats seeds", "stats ttest",
+SUBCOMMANDS = MODEL_COMMANDS + ("compare", "judge", "judge-eval", "imprint", "models", "stats seeds", "stats ttest",
                                  "stats control")
 
 
@@ -680,6 +681,19 @@ for cid, extra, *needles in (
         ("export-not-a-number", ["--export", "best", "--name", "nothere", "--save", "out"], "nothere"),
         ("storage-bogus", ["--storage", "bogus://x"], "--storage")):
     case(f"optimize-{cid}", base("optimize", *extra), *needles)
+
+# models ---------------------------------------------------------------------------------------------------
+for cid, extra, *needles in (
+        ("unknown-alias", ["gpt-9"], "gpt-9", "aliases"),
+        ("hub-id", ["Qwen/Qwen2.5-0.5B-Instruct"], "Qwen/Qwen2.5-0.5B-Instruct"),
+        ("path", ["in/model.gguf"], "in/model.gguf"),
+        ("one-bad-of-two", ["smollm2-135m", "smollm"], "'smollm'"),
+        ("empty-alias", [""], "''"),
+        ("config-missing", ["--config", "nomodels.toml"], "nomodels.toml")):
+    case(f"models-{cid}", ["models", *extra], *needles)
+for cid, extra in (("unknown-option", ["--bogus"]), ("json-value", ["--json-out=maybe"]),
+                   ("model-option", ["--model", "default"])):
+    case(f"models-{cid}", ["models", *extra], usage=True)
 
 # stats seeds ----------------------------------------------------------------------------------------------
 for cid, extra, *needles in (
