@@ -58,9 +58,9 @@ class AblateConfig(ModelOptions, JudgeOptions, RunOptions):
     save_dtype: str = Field("auto", description="dtype of the --save checkpoint: auto (the source checkpoint's "
                             "stored dtype, whatever --dtype computes in), float32, bfloat16, float16")
     heads: Optional[str] = Field(None, description="ablate the direction from these attention (query) heads' outputs "
-                                 "only, instead of the whole residual stream: LAYER.HEAD items such as '12.3,12.7,14.*' "
-                                 "(each side an index, a half-open range a:b or *); --save then orthogonalizes only "
-                                 "those heads' o_proj columns")
+                                 "only, instead of the whole residual stream: LAYER.HEAD items such as "
+                                 "'12.3,12.7,14.*' (each side an index, a half-open range a:b or *); --save then "
+                                 "orthogonalizes only those heads' o_proj columns")
     heads_from: Optional[str] = Field(None, description="as --heads, with the --top-heads heads of largest effect in a "
                                       "`refusal patch` run (runs/patch/NAME or NAME; its noising effects, else its "
                                       "denoising ones)")

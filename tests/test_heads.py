@@ -21,7 +21,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_lm
 from test_cli import FAST, assert_ok, assert_usage_error, entries, invoke, tiny_files
 from toolkit.directions import save_direction
 from toolkit.errors import ToolkitError
@@ -321,7 +320,8 @@ def cli_env(tmp_path_factory):
         assert_ok(invoke(["patch", "--harmful", h, "--harmless", b, "--model", model, "--dtype", "float32",
                           "--layers", "1:3", "--sites", "attn_out", "--positions", "-1", "--head-positions", "-1",
                           "--pairs", "3", "--max-len-diff", "10", "--bootstrap", "0", "--quiet", "--name", "p"]))
-    return {"base": base, "model": model, "h": h, "b": b, "direction": direction, "patch": base / "runs" / "patch" / "p"}
+    return {"base": base, "model": model, "h": h, "b": b, "direction": direction,
+            "patch": base / "runs" / "patch" / "p"}
 
 
 def ablate_args(env, *extra):
