@@ -9,13 +9,17 @@ from typing import Annotated, Optional
 import pandas as pd
 from pydantic import Field
 
-from toolkit.checkpoints import check_export_target, check_save_path, export_orthogonalized
+from toolkit.checkpoints import (check_export_target, check_save_path, export_head_orthogonalized,
+                                  export_orthogonalized)
 from toolkit.damage import forced_damage, reference_completions
 from toolkit.directions import Direction
+from toolkit.errors import ToolkitError
+from toolkit.heads import head_ablation, heads_from_patch, orthogonalize_heads, parse_heads
 from toolkit.evaluation import evaluate, judged
 from toolkit.judges import parse_windows
 from toolkit.interventions import directional_ablation, orthogonalize_weights
 from toolkit.models import dtype_from_name
+from toolkit.patching import head_layout
 from toolkit.prompts import distinct_names, load_prompt_set
 from toolkit.runs import Run, reuse_baseline
 
@@ -53,6 +57,17 @@ class AblateConfig(ModelOptions, JudgeOptions, RunOptions):
                                "--model folder, nor a folder without config.json); --force replaces runs only")
     save_dtype: str = Field("auto", description="dtype of the --save checkpoint: auto (the source checkpoint's "
                             "stored dtype, whatever --dtype computes in), float32, bfloat16, float16")
+    heads: Optional[str] = Field(None, description="ablate the direction from these attention (query) heads' outputs "
+                                 "only, instead of the whole residual stream: LAYER.HEAD items such as "
+                                 "'12.3,12.7,14.*' (each side an index, a half-open range a:b or *); --save then "
+                                 "orthogonalizes only those heads' o_proj columns")
+    heads_from: Optional[str] = Field(None, description="as --heads, with the --top-heads heads of largest effect in a "
+                                      "`refusal patch` run (runs/patch/NAME or NAME; its noising effects, else its "
+                                      "denoising ones)")
+    top_heads: Optional[int] = Field(None, ge=1, description="with --heads-from: how many heads [default: 10]")
+
+
+DEFAULT_TOP_HEADS = 10
 
 
 @command(AblateConfig)
@@ -62,6 +77,11 @@ def ablate(cfg: AblateConfig):
     on the borderline set, and damage: first-token KL and multi-token KL on harmless prompts, cross-entropy of the
     base model's completions, the offline capability check and optionally lm-evaluation-harness tasks.
 
+    With --heads (or --heads-from a patch run) the direction is removed only from the chosen attention heads'
+    contributions (o_proj output minus r r^T sum over chosen heads of W_O^h z_h, at every position), and --save
+    orthogonalizes only those heads' o_proj columns; the outputs are the same, so `refusal compare` puts head-level
+    and full ablation runs side by side.
+
     Writes runs/ablate/NAME/ with results.csv (per prompt and condition), summary.csv, damage.csv and run.json.
     With --save, also a weight-orthogonalized checkpoint that plain transformers loads, evaluated as a third
     condition; it is computed from the source checkpoint's weights and keeps their stored dtype unless
@@ -70,6 +90,16 @@ def ablate(cfg: AblateConfig):
     saved_as = None if cfg.save_dtype == "auto" else dtype_from_name(cfg.save_dtype, "--save-dtype")
     windows = parse_windows(cfg.windows, cfg.gen_tokens)
     d = Direction.resolve(cfg.direction)
+    if cfg.heads is not None and cfg.heads_from is not None:
+        raise ToolkitError("give `heads` or `heads_from`, not both", param="heads")
+    if cfg.top_heads is not None and cfg.heads_from is None:
+        raise ToolkitError("only counts heads taken from a patch run: give `heads_from` too", param="top_heads")
+    patch_heads = None
+    if cfg.heads_from is not None:  # a file read: fails before the model loads
+        try:
+            patch_heads = heads_from_patch(cfg.heads_from, cfg.top_heads or DEFAULT_TOP_HEADS)
+        except ToolkitError as e:
+            raise ToolkitError(e.message, param=e.param or "heads_from") from None
     H = load_prompt_set(cfg.harmful).select(cfg.split).head(cfg.limit)
     B = load_prompt_set(cfg.harmless).select(cfg.split).head(cfg.limit)
     sets = [H, B]
@@ -90,6 +120,14 @@ def ablate(cfg: AblateConfig):
     with Run("ablate", cfg.name, cfg.force) as run:
         ses = cfg.open_session()
         d.check(ses.lm)
+        sel = None
+        if cfg.heads is not None:
+            sel = parse_heads(cfg.heads, ses.lm.n_layers, head_layout(ses.lm.model))
+        elif patch_heads is not None:
+            if patch_heads.model_hash and patch_heads.model_hash != ses.lm.model_hash:
+                raise ToolkitError(f"the patch run was made on another model (hash {patch_heads.model_hash[:12]}), not "
+                                   f"{ses.lm.model_id} (hash {ses.lm.model_hash[:12]})", param="heads_from")
+            sel = patch_heads.check(ses.lm.n_layers, head_layout(ses.lm.model))
         if cfg.save is not None:
             check_export_target(Path(ses.lm.source), cfg.save, overwrite=cfg.replace_save)
         judge = cfg.open_judge(quiet=cfg.quiet) if cfg.gen_tokens else None
@@ -101,7 +139,7 @@ def ablate(cfg: AblateConfig):
             return judged(ses.refusal_ids, judge, ps.prompts, windows)
 
         def ablation():
-            return directional_ablation(model, d)
+            return directional_ablation(model, d) if sel is None else head_ablation(model, d, sel)
 
         t0 = time.time()
         base = {}
@@ -164,14 +202,18 @@ def ablate(cfg: AblateConfig):
         ortho_info = None
         if cfg.save is not None:
             t0 = time.time()
-            ortho_info = orthogonalize_weights(model, d)
+            ortho_info = orthogonalize_weights(model, d) if sel is None else orthogonalize_heads(model, d, sel)
             orth_h = evaluate(r, enc[H.name], measures(H), gen_tokens=cfg.gen_tokens, desc="orthogonalized harmful")
             orth_b = evaluate(r, enc[B.name], measures(B), gen_tokens=0, desc="orthogonalized harmless")
             conds += [("orthogonalized", H, orth_h, kl_or_none(orth_h, base[H.name])),
                       ("orthogonalized", B, orth_b, orth_b.kl_from(base[B.name]))]
             ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl[B.name].logits).abs().max())
-            ortho_info.update(export_orthogonalized(Path(ses.lm.source), d.vector, cfg.save, dtype=saved_as,
-                                                    overwrite=cfg.replace_save))
+            if sel is None:
+                ortho_info.update(export_orthogonalized(Path(ses.lm.source), d.vector, cfg.save, dtype=saved_as,
+                                                        overwrite=cfg.replace_save))
+            else:
+                ortho_info.update(export_head_orthogonalized(Path(ses.lm.source), d.vector, sel, cfg.save,
+                                                             dtype=saved_as, overwrite=cfg.replace_save))
             run.time("orthogonalized", time.time() - t0)
         rows, summary = [], []
         for cond, ps, ev, kl in conds:
@@ -192,11 +234,14 @@ def ablate(cfg: AblateConfig):
                    "direction": d.describe()}
         if lm_eval_results:
             results["lm_eval"] = lm_eval_results
+        if sel is not None:
+            results["heads"] = sel.describe()
         if ortho_info is not None:
             results["orthogonalized"] = {"saved_to": str(cfg.save),
                                          "untied_lm_head": ortho_info["untied_lm_head"],
                                          "exact_equivalent": ortho_info["exact_equivalent"],
                                          "n_edited": len(ortho_info["edited"]),
+                                         "scope": "heads" if sel is not None else "all",
                                          "max_abs_logit_diff_vs_hooks": ortho_info["max_abs_logit_diff_vs_hooks"],
                                          "compute_dtype": ses.lm.describe()["dtype"],
                                          "source_stored_dtype": ortho_info["stored_dtype"],
@@ -209,9 +254,11 @@ def ablate(cfg: AblateConfig):
                   "over_refusal": O.describe() if O is not None else None}
         final = run.finish(model=ses.lm.describe(), prompt_sets=[ps.describe() for ps in sets], seed=cfg.seed,
                            params=cfg.params(direction=d.source, refusal_token_ids=ses.refusal_ids,
-                                             windows=list(windows)),
+                                             windows=list(windows),
+                                             top_heads=patch_heads.top_k if patch_heads else cfg.top_heads),
                            results=results, judge=judge.describe() if judge is not None else None, damage=damage)
-    print_summary(sm, f"ablation of {d.source} (layer {d.layer}, pos {d.position}): {final}")
+    scope = "" if sel is None else f" from {len(sel.heads)} head(s) {','.join(sel.labels)}"
+    print_summary(sm, f"ablation of {d.source} (layer {d.layer}, pos {d.position}){scope}: {final}")
     print_damage(dm)
     if ortho_info is not None:
         console.print(f"saved weight-orthogonalized model to {cfg.save} ({ortho_info['saved_dtype']}; "

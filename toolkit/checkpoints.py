@@ -140,6 +140,32 @@ def export_orthogonalized(source: Path, direction: torch.Tensor, dest: Path, *, 
     return _export_merged(source, dest, dtype, overwrite, lambda model: orthogonalize_weights(model, direction))
 
 
+def export_head_orthogonalized(source: Path, direction: torch.Tensor, heads, dest: Path, *,
+                               dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+    """Write a copy of the checkpoint at ``source`` with ``direction`` orthogonalized out of the chosen attention
+    heads only (:func:`toolkit.heads.orthogonalize_heads`: ``W_O^h <- (I - r_hat r_hat^T) W_O^h`` on those heads'
+    column slices of ``o_proj.weight``), to ``dest``; computed in float64 from the source's stored values and written
+    in ``dtype`` (default: the stored dtype), as :func:`export_orthogonalized`.
+
+    Args:
+        source: a Hugging Face checkpoint folder.
+        direction: ``[d_model]``, any norm.
+        heads: a :class:`toolkit.heads.HeadSelection`.
+        dest: the folder to create.
+        dtype: the dtype written, or None for the stored dtype.
+        overwrite: replace an existing checkpoint folder ``dest`` (never ``source``).
+
+    Returns:
+        ``{"stored_dtype", "saved_dtype", "edited", "heads", "untied_lm_head", "exact_equivalent"}``.
+
+    Raises:
+        ToolkitError: as :func:`export_orthogonalized`, or heads the model does not have.
+    """
+    from .heads import orthogonalize_heads
+
+    return _export_merged(source, dest, dtype, overwrite, lambda model: orthogonalize_heads(model, direction, heads))
+
+
 def _reload(source: Path, dtype: torch.dtype, *, tokenizer: bool = True):
     """The checkpoint at ``source`` loaded on the CPU in ``dtype``, in eval mode, and its tokenizer (or None).
 
