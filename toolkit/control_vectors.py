@@ -280,6 +280,8 @@ def resolve_source(spec: str, per_layer: bool = False) -> tuple[Direction | Dire
             raise ToolkitError(f"{p} is a single-direction file; per-layer export needs a cones, geometry or "
                                "extract run, or a per-layer file", param="per_layer")
         return Direction.load(p), {}
+    if p.suffix == ".safetensors" and not p.exists():
+        raise ToolkitError(f"no direction file at {p}")
     folder, meta = load_run(spec) if p.exists() else load_run(spec, "extract")
     model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     if meta.get("command") == "extract" and not per_layer:
