@@ -28,7 +28,9 @@ one made at ``resid_pre L`` to index ``L - 1`` (:func:`block_output_index`); oth
   ``controlvector.layer_count`` (uint32, ``len(directions)``) and a tensor ``direction.{i}`` per key;
   ``ControlVector.import_gguf`` warns on another architecture, raises without ``controlvector.model_hint``, ignores
   ``layer_count`` and reads every ``direction.N`` into ``directions[N]``. repeng has a slot for block 0's output,
-  so ``--format repeng`` accepts index 0 (``resid_post 0`` / ``resid_pre 1``), which llama.cpp rejects.
+  so ``--format repeng`` accepts index 0 (``resid_post 0`` / ``resid_pre 1``), which llama.cpp rejects. To steer
+  with it in repeng: ``ControlModel(model, list(cv.directions))`` then ``set_control(cv, coeff)``
+  (``set_control`` reads ``directions[i]`` for every controlled layer ``i``).
 
 Files written (:func:`write_control_vectors`):
 
@@ -50,7 +52,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,15 +89,15 @@ def block_output_index(layer: int, site: str) -> int:
             embeddings, which no block output holds).
 
     Raises:
-        ToolkitError (``site``): another site (``resid_mid``, ``attn_out``, ``mlp_out``: not a block output).
+        ToolkitError: another site (``resid_mid``, ``attn_out``, ``mlp_out``: not a block output).
     """
     if site == "resid_post":
         return int(layer)
     if site == "resid_pre":
         return int(layer) - 1
-    raise ToolkitError(f"a {site} vector has no place in a control vector file, which adds to block outputs "
-                       f"(resid_post of L, = resid_pre of L+1); export resid_pre or resid_post directions, or use "
-                       f"the safetensors format", param="site")
+    raise ToolkitError(f"the direction's site is {site}, which has no place in a control vector file (it adds to "
+                       "block outputs: resid_post of L = resid_pre of L+1); export a resid_pre or resid_post "
+                       "direction, or use the safetensors format")
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,6 @@ class ControlVectors:
     source: str | None = None
     method: str | None = None
     position: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def d_model(self) -> int:
@@ -142,8 +143,8 @@ class ControlVectors:
             min_index: the lowest index the target accepts (1 for llama.cpp, 0 for repeng).
 
         Raises:
-            ToolkitError (``site``/``layers``): a site that is not a block output, or a layer whose index falls below
-                ``min_index`` (or reaches ``n_layers`` when that is known).
+            ToolkitError: a site that is not a block output (:func:`block_output_index`), or (``layers``) a layer
+                whose index falls below ``min_index`` (or reaches ``n_layers`` when that is known).
         """
         out = {}
         for layer, v in zip(self.layers, self.vectors):
@@ -173,8 +174,8 @@ def _resolve_layers(spec: LayerSpec, n_layers: int | None) -> tuple[int, ...]:
     if n_layers is not None:
         return spec.resolve(n_layers)
     if any(i < 0 for i in spec.indices):
-        raise ToolkitError(f"negative layers count from the end, but the model's depth is not known here; give "
-                           f"non-negative layers or `n_layers`", param=spec.param)
+        raise ToolkitError("negative layers count from the end, but the model's depth is not known here; give "
+                           "non-negative layers or `n_layers`", param=spec.param)
     return tuple(dict.fromkeys(int(i) for i in spec.indices))
 
 
