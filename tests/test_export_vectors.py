@@ -315,3 +315,38 @@ def test_cli_bad_input(files):
     assert_ok(invoke(["export", "d.safetensors", "-o", "taken.gguf", "--force"]))
     assert list(fields(files / "taken.gguf")[1]) == ["direction.1"]
 
+
+
+@pytest.fixture
+def extract_run(files):
+    """A finished extract run made with the run store: candidates grid (layers 0-3 x positions -2, -1), the chosen
+    direction (layer 2, position -1) and the model record (4 layers, qwen2)."""
+    from toolkit.runs import Run
+
+    grid = torch.stack([torch.stack([vec(10 * layer + p) for p in (2, 1)]) for layer in range(4)])  # [4, 2, D]
+    s = DirectionSet(grid, (0, 1, 2, 3), (-2, -1), site="resid_pre", position=-1, model_id="org/tiny",
+                     model_hash="hash-tiny", method="difference-in-means (Arditi et al. 2024)")
+    with Run("extract", "ex") as run:
+        s.save(run.path("candidates.safetensors"))
+        s.direction(2, -1).save(run.path("direction.safetensors"))
+        folder = run.finish(model={"id": "org/tiny", "hash": "hash-tiny", "model_type": "qwen2", "n_layers": 4,
+                                   "d_model": D}, prompt_sets=[], seed=0, params={},
+                            results={"chosen": {"layer": 2, "pos": -1}})
+    return folder
+
+
+def test_cli_extract_run_uses_the_run_model_record(extract_run, files):
+    out = assert_ok(invoke(["export", str(extract_run), "-o", "c.gguf"]))
+    assert "resid_pre L2 -> direction.1" in out
+    kv, ts = fields(files / "c.gguf")
+    assert kv["controlvector.model_hint"] == "qwen2" and kv["controlvector.layer_count"] == 4
+    assert list(ts) == ["direction.1"] and np.array_equal(ts["direction.1"][2], vec(21).numpy())
+    # by name, per layer: the candidates at the chosen position -1; resid_pre 0 and 1 cannot go to llama.cpp
+    assert_usage_error(invoke(["export", "ex", "--per-layer", "-o", "p.gguf"]), "resid_pre of layer 0")
+    assert_ok(invoke(["export", "ex", "--per-layer", "-o", "p.gguf", "--layers", "2:4"]))
+    _, ts = fields(files / "p.gguf")
+    assert list(ts) == ["direction.1", "direction.2"]
+    assert np.array_equal(ts["direction.2"][2], vec(31).numpy())
+    assert_ok(invoke(["export", "ex", "--per-layer", "-f", "repeng", "-o", "r.gguf", "--layers", "1:4"]))
+    assert list(fields(files / "r.gguf")[1]) == ["direction.0", "direction.1", "direction.2"]
+    assert_usage_error(invoke(["export", "ex", "-o", "q.gguf", "--layers", "4"]), "--layers", "out of range")
