@@ -11,6 +11,7 @@ from .ablate import ablate
 from .compare import compare
 from .cones import cones
 from .dose_response import dose_response
+from .export import export
 from .extract import extract
 from .patch import patch
 from .geometry import geometry
@@ -76,6 +77,7 @@ app.command("plot-residuals")(plot_residuals)
 app.command("judge-eval")(judge_eval)
 app.command("optimize")(optimize)
 app.command("models")(models)
+app.command("export")(export)
 
 
 def main() -> None:

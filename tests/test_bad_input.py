@@ -98,11 +98,12 @@ BASE = {
     "stats seeds": ["stats", "seeds", SC0, SC1],
     "stats ttest": ["stats", "ttest", SC0, SC1],
     "stats control": ["stats", "control", ST],
+    "export": ["export", EX, "--format", "safetensors", "--out", "ex.safetensors", "--force"],
 }
 MODEL_COMMANDS = ("score", "extract", "ablate", "steer", "dose-response", "patch", "cones", "geometry",
                   "plot-residuals", "optimize")
 SUBCOMMANDS = MODEL_COMMANDS + ("compare", "judge", "judge-eval", "imprint", "models", "stats seeds", "stats ttest",
-                                 "stats control")
+                                 "stats control", "export")
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -754,6 +755,52 @@ for cid, extra, *needles in (
     case(f"stats-control-{cid}", ["stats", "control", *extra], *needles)
 case("stats-control-no-run", ["stats", "control"], usage=True)
 
+# export ---------------------------------------------------------------------------------------------------
+def existing_file(rel: str):
+    """A file at ``rel`` that must stay untouched."""
+    def setup(env, mp):
+        p = env["base"] / rel
+        p.write_bytes(b"keep me")
+        return lambda: p.unlink()
+    return setup
+
+
+for cid, extra, *needles in (
+        ("format-bogus", ["--format", "onnx"], "--format", "onnx"),
+        ("layers-out-of-range", ["--layers", "9"], "--layers", "9"),
+        ("layers-text", ["--layers", "abc"], "--layers"),
+        ("scale-zero", ["--scale", "0"], "--scale"),
+        ("scale-nan", ["--scale", "nan"], "--scale"),
+        ("n-layers-zero", ["--n-layers", "0"], "--n-layers"),
+        ("model-hint-empty", ["--model-hint", " "], "--model-hint"),
+        ("out-folder-missing", ["--out", "nodir/x.safetensors"], "--out", "nodir"),
+        ("out-is-a-folder", ["--out", "dirs"], "--out", "dirs"),
+        ("markup-missing-out-folder", ["--out", "in/x[test]/v.gguf"], "in/x[test]")):
+    case(f"export-{cid}", base("export", *extra), *needles)
+for cid, args, *needles in (
+        ("missing-direction", ["dirs/missing.safetensors"], "dirs/missing.safetensors"),
+        ("garbage-direction", ["dirs/garbage.safetensors"], "dirs/garbage.safetensors"),
+        ("truncated-direction", ["dirs/truncated.safetensors"], "dirs/truncated.safetensors"),
+        ("nan-direction", ["dirs/nan.safetensors"], "dirs/nan.safetensors"),
+        ("no-layer", ["dirs/nolayer.safetensors"], "--layers", "records no layer"),
+        ("site-mlp-out", ["dirs/mlp-out.safetensors"], "mlp_out"),
+        ("resid-pre-0", ["dirs/pre0.safetensors"], "--layers", "resid_pre of layer 0"),
+        ("resid-pre-1-llama-cpp", ["dirs/pre1.safetensors"], "--layers", "resid_pre of layer 1"),
+        ("resid-post-0-llama-cpp", ["dirs/post0.safetensors"], "--layers", "resid_post of layer 0"),
+        ("no-model-hint", ["dirs/nolayer.safetensors", "--layers", "2"], "--model-hint"),
+        ("per-layer-of-a-file", ["dirs/other.safetensors", "--per-layer"], "--per-layer"),
+        ("score-run", [SC0], "'score'"),
+        ("geometry-run-without-directions", ["fake/geo-nodirs"], "directions.safetensors"),
+        ("geometry-layer-absent", [GE01, "--layers", "3"], "--layers", "layer 3"),
+        ("markup-missing-run", ["in/run[test]"], "in/run[test]")):
+    case(f"export-{cid}", ["export", *args, "--out", "x.gguf"], *needles)
+case("export-existing-out", ["export", EX, "-f", "safetensors", "--out", "taken.gguf"], "--out", "taken.gguf",
+     "already exists", "--force", setup=existing_file("taken.gguf"))
+case("export-read-only-folder", base("export", "--out", "ro/x.safetensors"), "ro/x.safetensors",
+     setup=read_only_folder("ro"), skip_root=True)
+case("export-no-out", ["export", EX], usage=True)
+case("export-no-direction", ["export", "--out", "x.gguf"], usage=True)
+
 USAGE_CASES = [c for c in CASES if c.usage]
 ERROR_CASES = [c for c in CASES if not c.usage]
 
@@ -915,6 +962,10 @@ def _make_broken_inputs(base: Path) -> None:
     save_direction(d / "other.safetensors", torch.ones(32), {"d_model": 32, "layer": 2, "model_hash": "f" * 64,
                                                              "model_id": "other"})
     save_direction(d / "nolayer.safetensors", torch.ones(32), {"d_model": 32})
+    for name, layer, site in (("mlp-out", 2, "mlp_out"), ("pre0", 0, "resid_pre"), ("pre1", 1, "resid_pre"),
+                              ("post0", 0, "resid_post")):
+        save_direction(d / f"{name}.safetensors", torch.ones(32), {"d_model": 32, "layer": layer, "site": site,
+                                                                   "model_id": "x"})
 
     # hand-broken runs
     f = base / "fake"
