@@ -35,7 +35,7 @@ class DepthConfig(RunOptions):
 def _n_layers(folder, meta) -> int:
     n = (meta.get("model") or {}).get("n_layers")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ToolkitError(f"{folder}: run.json records no model n_layers", param="runs")
+        raise ToolkitError(f"{folder}: run.json records no model n_layers")
     return n
 
 
@@ -55,7 +55,7 @@ def _extract(folder, meta) -> dict:
     chosen = (meta.get("results") or {}).get("chosen") or {}
     layer = chosen.get("layer")
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ToolkitError(f"{folder}: run.json records no chosen layer", param="runs")
+        raise ToolkitError(f"{folder}: run.json records no chosen layer")
     site = "resid_pre"  # extract reads resid_pre; version 1 direction files record no site
     if (folder / "direction.safetensors").is_file():
         site = Direction.load(folder / "direction.safetensors").site or site
@@ -80,17 +80,16 @@ def depth_table(specs: list[str], direction: str = "denoise", sites: list[str] =
         folder, meta = load_run(spec)
         cmd = meta.get("command")
         if cmd not in KINDS:
-            raise ToolkitError(f"{folder} is a '{cmd}' run; depth reads patch and extract runs", param="runs")
+            raise ToolkitError(f"{folder} is a '{cmd}' run; depth reads patch and extract runs")
         model = meta.get("model") or {}
         key = model.get("hash") or model.get("id") or str(folder)
         n = _n_layers(folder, meta)
         row = rows.setdefault(key, {"model": model.get("id"), "model_hash": model.get("hash"), "n_layers": n})
         if row["n_layers"] != n:
-            raise ToolkitError(f"{folder}: model {row['model']} recorded with {row['n_layers']} and {n} layers",
-                               param="runs")
+            raise ToolkitError(f"{folder}: model {row['model']} recorded with {row['n_layers']} and {n} layers")
         if f"{cmd}_run" in row:
             raise ToolkitError(f"two {cmd} runs of model {row['model']} ({row[f'{cmd}_run']} and {folder}): give one "
-                               "per model", param="runs")
+                               "per model")
         row.update(_patch(folder, meta, direction, list(sites)) if cmd == "patch" else _extract(folder, meta))
     return pd.DataFrame(list(rows.values()), columns=COLUMNS)
 

@@ -112,7 +112,7 @@ def check_halves(a: DirectionSet, b: DirectionSet) -> str | None:
         ToolkitError: different models (hash or width), sites, positions or layers, or halves recorded as not
             disjoint (the same half, or different split seeds).
     """
-    where = f"--spread {a.source}:{b.source}"
+    where = f"{a.source}:{b.source}"
     if a.model_hash != b.model_hash or a.d_model != b.d_model:
         raise ToolkitError(f"{where}: runs of different models ({a.model_id}, hash {str(a.model_hash)[:12]}; "
                            f"{b.model_id}, hash {str(b.model_hash)[:12]}) cannot be halves of one model's prompts",
@@ -123,7 +123,7 @@ def check_halves(a: DirectionSet, b: DirectionSet) -> str | None:
                                param="spread")
     ha, hb = a.extra.get("half"), b.extra.get("half")
     if ha is None or hb is None:
-        return (f"{where}: not recorded as disjoint prompt halves (made without --half); the spread assumes they "
+        return (f"--spread {where}: not recorded as disjoint prompt halves (made without --half); the spread assumes they "
                 "are")
     if ha == hb:
         raise ToolkitError(f"{where}: both runs are half {ha!r}; give half a and half b", param="spread")
@@ -187,7 +187,7 @@ def imprint_cmd(cfg: ImprintConfig):
     pairs = _pairs(cfg.spread)
     singles = list(cfg.runs or [])
     if not singles and not pairs:
-        raise ToolkitError("give at least one run (or --spread RUN_A:RUN_B)", param="runs")
+        raise ToolkitError("give at least one run (or `spread` RUN_A:RUN_B)")
     specs = singles + [p for pair in pairs for p in pair]
     infos = [DirectionSet.resolve(p, cfg.position) for p in specs]
     names = [i.source for i in infos]
