@@ -104,19 +104,21 @@ def _pairs(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def check_halves(a: DirectionSet, b: DirectionSet) -> str | None:
+def check_halves(a: DirectionSet, b: DirectionSet, n_a: int | None = None, n_b: int | None = None) -> str | None:
     """Check that two direction runs can be halves of one model's prompts; returns a note when their disjointness
     is not recorded (runs made without ``--half``), else None.
 
     Raises:
-        ToolkitError: different models (hash or width), sites, positions or layers, or halves recorded as not
-            disjoint (the same half, or different split seeds).
+        ToolkitError: different models (hash, width or recorded depth ``n_a``/``n_b``), sites, positions or
+            layers, or halves recorded as not disjoint (the same half, or different split seeds).
     """
     where = f"{a.source}:{b.source}"
     if a.model_hash != b.model_hash or a.d_model != b.d_model:
         raise ToolkitError(f"{where}: runs of different models ({a.model_id}, hash {str(a.model_hash)[:12]}; "
                            f"{b.model_id}, hash {str(b.model_hash)[:12]}) cannot be halves of one model's prompts",
                            param="spread")
+    if n_a != n_b:
+        raise ToolkitError(f"{where}: the runs record models of {n_a} and {n_b} layers", param="spread")
     for what in ("site", "position", "layers"):
         if getattr(a, what) != getattr(b, what):
             raise ToolkitError(f"{where}: the halves differ in {what} ({getattr(a, what)} and {getattr(b, what)})",
@@ -210,7 +212,7 @@ def imprint_cmd(cfg: ImprintConfig):
         groups = [(by[s], None) for s in singles] + [(by[a], by[b]) for a, b in pairs]
         for a, b in groups:
             if b is not None:
-                note = check_halves(a, b)
+                note = check_halves(a, b, n_layers[a.source], n_layers[b.source])
                 if note:
                     notes.append(note)
         sdf = model_table(groups, figs, n_layers)
