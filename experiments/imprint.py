@@ -125,8 +125,8 @@ def check_halves(a: DirectionSet, b: DirectionSet, n_a: int | None = None, n_b: 
                                param="spread")
     ha, hb = a.extra.get("half"), b.extra.get("half")
     if ha is None or hb is None:
-        return (f"--spread {where}: not recorded as disjoint prompt halves (made without --half); the spread assumes they "
-                "are")
+        return (f"--spread {where}: not recorded as disjoint prompt halves (made without --half); the spread "
+                "assumes they are")
     if ha == hb:
         raise ToolkitError(f"{where}: both runs are half {ha!r}; give half a and half b", param="spread")
     if a.extra.get("half_seed") != b.extra.get("half_seed"):

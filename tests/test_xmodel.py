@@ -311,7 +311,8 @@ def test_depth_puts_patch_peaks_and_direction_layers_on_one_scale(runs):
     assert entries(runs / "depth" / "d") == {"depth.csv", "run.json"}
     df = pd.read_csv(runs / "depth" / "d" / "depth.csv").set_index("model")
     assert list(df.index) == ["A", "B", "C"]  # by model, in order of first appearance
-    assert df.loc["A", "n_layers"] == 24 and df.loc["A", "patch_layer"] == 11 and df.loc["A", "patch_site"] == "attn_out"
+    assert df.loc["A", "n_layers"] == 24 and df.loc["A", "patch_layer"] == 11
+    assert df.loc["A", "patch_site"] == "attn_out"
     assert df.loc["A", "patch_depth"] == 11.5 / 24 and df.loc["A", "extract_depth"] == 12 / 24
     assert df.loc["A", "extract_site"] == "resid_pre"
     assert df.loc["B", "patch_depth"] == 20.5 / 30 and pd.isna(df.loc["B", "extract_layer"])
