@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 from .ablate import ablate
 from .compare import compare
 from .cones import cones
+from .depth import depth
 from .dose_response import dose_response
 from .export import export
 from .extract import extract
@@ -73,6 +74,7 @@ app.command("patch")(patch)
 app.command("cones")(cones)
 app.command("geometry")(geometry)
 app.command("imprint")(imprint_cmd)
+app.command("depth")(depth)
 app.command("plot-residuals")(plot_residuals)
 app.command("judge-eval")(judge_eval)
 app.command("optimize")(optimize)

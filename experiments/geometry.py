@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Literal, Optional
 
 import pandas as pd
 import torch
@@ -34,6 +34,9 @@ class GeometryConfig(ModelOptions, RunOptions):
     harmless: str = Field("harmless", description="harmless ('good') prompt set")
     split: str = Field("train", description="split of both sets (files without splits: all prompts)")
     limit: Optional[int] = Field(None, ge=1, description="use at most N prompts per set")
+    half: Optional[Literal["a", "b"]] = Field(None, description="use one of two disjoint halves of each set (a seeded "
+                                             "hash of the prompt id, --seed; before --limit): runs on halves a and "
+                                             "b give `refusal imprint --spread` its prompt-sampling spread")
     layers: Optional[str] = Field(None, description="layers, e.g. '12', '8,12,16' or '4:20' [default: all]")
     site: Site = Field("resid_pre", description=f"hook site: {', '.join(SITES)}")
     position: PromptPosition = Field(-1, description="prompt position (negative index; -1 = last token, as Heretic "
@@ -47,13 +50,16 @@ def geometry(cfg: GeometryConfig):
     harmful mean b and r = b - g and between their geometric-median versions g*, b*, r* = b* - g*; the L2 norm of
     each; and the mean silhouette coefficient of the two clusters.
 
+    With --half a|b only one of two disjoint, seeded halves of each prompt set is used (recorded in run.json and
+    the directions file), for the prompt-sampling spread of `refusal imprint --spread`.
+
     Writes runs/geometry/NAME/ with geometry.csv, directions.safetensors (r and r* per layer with both means and
     the mean residual norm: an input of `refusal imprint`) and run.json.
     """
     site, position = cfg.site, cfg.position
     layer_spec = LayerSpec.parse(cfg.layers)  # before the model is loaded
-    G = load_prompt_set(cfg.harmless).select(cfg.split).head(cfg.limit)
-    B = load_prompt_set(cfg.harmful).select(cfg.split).head(cfg.limit)
+    G = load_prompt_set(cfg.harmless).select(cfg.split).half(cfg.half, cfg.seed).head(cfg.limit)
+    B = load_prompt_set(cfg.harmful).select(cfg.split).half(cfg.half, cfg.seed).head(cfg.limit)
     G, B = distinct_names([G, B])
     if len(G) < 2 or len(B) < 2:
         raise ToolkitError(f"the geometry table needs at least two prompts per set (got {len(G)} and {len(B)})")
@@ -80,7 +86,8 @@ def geometry(cfg: GeometryConfig):
         DirectionSet(Xb.double().mean(0) - Xg.double().mean(0), lay, site=site, position=position,
                      model_hash=lm.model_hash, model_id=lm.model_id,
                      method="difference-in-means per layer: mean harmful - mean harmless",
-                     extra={"kind": "geometry", "split": cfg.split},
+                     extra={"kind": "geometry", "split": cfg.split,
+                            **({} if cfg.half is None else {"half": cfg.half, "half_seed": cfg.seed})},
                      tensors={"median_directions": rm, "mean_harmful": Xb.double().mean(0),
                               "mean_harmless": Xg.double().mean(0), "resid_norm": norms}
                      ).save(run.path("directions.safetensors"))

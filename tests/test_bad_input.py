@@ -89,6 +89,7 @@ BASE = {
     "geometry": ["geometry", "--harmful", "ch.jsonl", "--harmless", "cb.jsonl", *COMMON],
     "plot-residuals": ["plot-residuals", "--sets", "cb.jsonl,ch.jsonl", "--method", "pca", "--no-gif", *COMMON],
     "imprint": ["imprint", GE, EX, "--no-plot"],
+    "depth": ["depth", EX],
     "compare": ["compare", SC0, EX],
     "judge": ["judge", SC0],
     "judge-eval": ["judge-eval", "--labels", "labels.csv"],
@@ -102,8 +103,8 @@ BASE = {
 }
 MODEL_COMMANDS = ("score", "extract", "ablate", "steer", "dose-response", "patch", "cones", "geometry",
                   "plot-residuals", "optimize")
-SUBCOMMANDS = MODEL_COMMANDS + ("compare", "judge", "judge-eval", "imprint", "models", "stats seeds", "stats ttest",
-                                 "stats control", "export")
+SUBCOMMANDS = MODEL_COMMANDS + ("compare", "judge", "judge-eval", "imprint", "depth", "models", "stats seeds",
+                                 "stats ttest", "stats control", "export")
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -603,7 +604,26 @@ for cid, args, *needles in (
         ("markup-missing-run", ["imprint", "in/run[test]"], "in/run[test]"),
         ("name-slash", ["imprint", GE, EX, "--name", "a/b"], "a/b")):
     case(f"imprint-{cid}", [*args, "--no-plot"] if "--no-plot" not in args else args, *needles)
-case("imprint-no-runs", ["imprint"], usage=True)
+case("imprint-no-runs", ["imprint"], "at least one run")
+case("imprint-spread-not-a-pair", ["imprint", "--spread", GE, "--no-plot"], "RUN_A:RUN_B")
+case("imprint-spread-three-parts", ["imprint", "--spread", f"{GE}:{GE01}:{EX}", "--no-plot"], "RUN_A:RUN_B")
+case("imprint-spread-layers-differ", ["imprint", "--spread", f"{GE}:{EX}", "--no-plot"], "--spread", "differ in")
+
+# depth ----------------------------------------------------------------------------------------------------
+for cid, args, *needles in (
+        ("missing-run", ["depth", "valid/extract/missing"], "valid/extract/missing"),
+        ("score-run", ["depth", SC0], "'score'"),
+        ("geometry-run", ["depth", GE], "'geometry'"),
+        ("same-extract-twice", ["depth", EX, EX], "two extract runs"),
+        ("sites-empty", ["depth", EX, "--sites", ","], "--sites"),
+        ("direction-bogus", ["depth", EX, "--direction", "sideways"], "sideways"),
+        ("malformed-run-json", ["depth", "fake/badjson"], "run.json"),
+        ("run-without-n-layers", ["depth", "fake/ex-nolayercount"], "n_layers"),
+        ("patch-without-sites", ["depth", "fake/patch-residonly"], "attn_out", "resid_pre"),
+        ("patch-without-summary", ["depth", "fake/patch-nosummary"], "summary"),
+        ("name-slash", ["depth", EX, "--name", "a/b"], "a/b")):
+    case(f"depth-{cid}", args, *needles)
+case("depth-no-runs", ["depth"], usage=True)
 
 # compare --------------------------------------------------------------------------------------------------
 for cid, args, *needles in (
@@ -1009,6 +1029,14 @@ def _make_broken_inputs(base: Path) -> None:
     save_file({"directions": torch.randn(4, 32), "layers": torch.arange(2), "resid_norm": torch.ones(4)},
               str(f / "geo-mismatch" / "directions.safetensors"),
               metadata={"meta": json.dumps({"position": -1, "site": "resid_pre"})})
+    emeta = json.loads((ex / "run.json").read_text())
+    _copy_run(ex, f / "ex-nolayercount", replace={"run.json": json.dumps(
+        {**emeta, "model": {k: v for k, v in emeta["model"].items() if k != "n_layers"}})})
+    _copy_run(ex, f / "patch-residonly", replace={
+        "run.json": json.dumps({**emeta, "command": "patch"}),
+        "summary.csv": "direction,site,layer,positions,head,effect\ndenoise,resid_pre,1,-1,,0.5\n"})
+    _copy_run(ex, f / "patch-nosummary", drop=["summary.csv"],
+              replace={"run.json": json.dumps({**emeta, "command": "patch"})})
     res = pd.read_csv(st / "results.csv")
     _copy_run(st, f / "steer-alpha0", replace={"results.csv": res[res.alpha == 0].to_csv(index=False)})
 

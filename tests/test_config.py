@@ -111,7 +111,8 @@ def test_signature_flags_defaults_and_help_come_from_the_fields():
     assert x["--filter"].default == "judge" and x["--kl-max"].help.endswith("(a finite number > 0)")
     assert "(a finite number > 0 and <= 1)" in x["--max-layer-frac"].help and "(>= 1)" in x["--judge-tokens"].help
     i = click_params("imprint")
-    assert i["runs"].metavar == "RUN..." and i["runs"].required and i["--plot"].secondary_opts == ["--no-plot"]
+    # imprint's runs are optional since --spread A:B can name every run (the command checks that one is given)
+    assert i["runs"].metavar == "[RUN...]" and not i["runs"].required and i["--plot"].secondary_opts == ["--no-plot"]
     t = click_params("stats ttest")
     assert (t["run_a"].metavar, t["run_b"].metavar, t["run_b"].required) == ("RUN_A", "[RUN_B]", False)
     assert t["--set"].default is None and t["--correction"].default == "holm"

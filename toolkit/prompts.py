@@ -88,6 +88,29 @@ class PromptSet:
         return PromptSet(self.name, self.source, self.sha256, [self.records[i] for i in keep], self.split,
                          self.split_ignored)
 
+    def half(self, which: str | None, seed: int) -> PromptSet:
+        """One of two disjoint halves of this set, by a seeded hash of each prompt id
+        (:func:`toolkit.steering.hash_split` with fraction 0.5: ``"a"`` = its training part, ``"b"`` = the rest).
+        Membership depends only on the id and the seed, so halves ``a`` and ``b`` of one seed are disjoint and
+        together cover the set; each holds about, not exactly, half of it. ``None`` keeps every prompt. Used to
+        measure a figure's prompt-sampling spread (:mod:`toolkit.xmodel`).
+
+        Raises:
+            ToolkitError: ``which`` not ``a``, ``b`` or None, repeated prompt ids, or an empty half.
+        """
+        if which is None:
+            return self
+        if which not in ("a", "b"):
+            raise ToolkitError(f"must be 'a' or 'b', got {which!r}", param="half")
+        from .steering import hash_split
+
+        mask = hash_split(self.ids, seed, 0.5)
+        keep = [i for i, m in enumerate(mask) if bool(m) == (which == "a")]
+        if not keep:
+            raise ToolkitError(f"half {which!r} of prompt set {self.name!r} ({len(self)} prompts, seed {seed}) is "
+                               "empty", param="half")
+        return self.subset(keep)
+
     def head(self, n: int | None) -> PromptSet:
         """The first ``n`` records (all if ``n`` is None)."""
         return self if n is None else self.subset(list(range(min(n, len(self)))))
