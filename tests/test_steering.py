@@ -242,3 +242,21 @@ def test_continuation_logprob_from_a_prompt_cache_is_exact(tiny):
     with activation_addition(tiny.model, torch.randn(tiny.d_model), [1], alpha=1.0, positions=[-1]):
         with pytest.raises(ToolkitError, match="unmodified"):
             r.continuation_logprob(enc, conts, context=ctx)
+
+
+@pytest.mark.parametrize("method", ["geometric-median", "pca", "probe"])
+def test_dial_direction_other_estimators_use_the_same_groups(method):
+    from toolkit.estimators import estimate
+
+    g = torch.Generator().manual_seed(11)
+    acts = torch.randn(12, 5, generator=g)
+    scores = np.arange(12, dtype=float)[::-1].copy()
+    d, top, bottom = dial_direction(acts, scores, 4, method=method)
+    assert top.tolist() == [0, 1, 2, 3] and bottom.tolist() == [8, 9, 10, 11]
+    want = estimate(method, acts[:4], acts[8:]).directions
+    torch.testing.assert_close(d, want)
+
+
+def test_dial_direction_refuses_prompt_level_methods():
+    with pytest.raises(ToolkitError, match="unknown estimator 'caa'"):
+        dial_direction(torch.zeros(4, 3), np.zeros(4), 1, method="caa")

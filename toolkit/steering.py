@@ -138,21 +138,29 @@ def hash_split(ids: Sequence[str], seed: int, frac: float = 0.5) -> np.ndarray:
     return np.array([_seed_int("split", seed, i) / 2**63 < frac for i in ids], dtype=bool)
 
 
-def dial_direction(acts: torch.Tensor, scores: np.ndarray, k: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Refusal Dial direction: mean activation of the ``k`` highest-scoring prompts minus that of the ``k`` lowest.
+def dial_direction(acts: torch.Tensor, scores: np.ndarray, k: int, method: str = "diff-means", seed: int = 0
+                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Refusal Dial direction: mean activation of the ``k`` highest-scoring prompts minus that of the ``k`` lowest
+    (``method="diff-means"``), or another two-group estimator of :mod:`toolkit.estimators` on the same two groups
+    (``geometric-median``, ``pca``, ``probe``: :data:`toolkit.estimators.GROUP_METHODS`, in their common scale
+    convention).
 
     Args:
         acts: ``[n, d_model]`` activations (e.g. ``resid_pre`` at one layer, last position).
         scores: ``[n]`` refusal scores of the same prompts at baseline.
         k: prompts per side.
+        method: the estimator; seed: the probe's cross-validation seed.
 
     Returns:
         (raw direction ``[d_model]`` float64, indices of the top ``k``, indices of the bottom ``k``). Ties are
         broken by prompt order (stable sort).
 
     Raises:
-        ToolkitError: ``k < 1``, ``2k > n``, or mismatched lengths.
+        ToolkitError: ``k < 1``, ``2k > n``, mismatched lengths, or a method outside ``GROUP_METHODS``.
     """
+    from .estimators import GROUP_METHODS, check_method, estimate
+
+    check_method(method, GROUP_METHODS)
     n = acts.shape[0]
     if len(scores) != n:
         raise ToolkitError(f"{len(scores)} scores for {n} activations")
@@ -160,7 +168,10 @@ def dial_direction(acts: torch.Tensor, scores: np.ndarray, k: int) -> tuple[torc
         raise ToolkitError(f"top-k/bottom-k needs 1 <= k <= n/2; got k = {k} with {n} training prompts")
     order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
     top, bottom = order[:k], order[-k:]
-    d = acts[torch.as_tensor(top)].double().mean(0) - acts[torch.as_tensor(bottom)].double().mean(0)
+    if method == "diff-means":
+        d = acts[torch.as_tensor(top)].double().mean(0) - acts[torch.as_tensor(bottom)].double().mean(0)
+    else:
+        d = estimate(method, acts[torch.as_tensor(top)], acts[torch.as_tensor(bottom)], seed=seed).directions
     return d, top, bottom
 
 
