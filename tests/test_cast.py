@@ -233,3 +233,159 @@ def test_gate_bad_input(qwen):
             pass
     from toolkit.hooks import active_hooks
     assert active_hooks(lm.model).layers == ()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    from test_cli import tiny_files
+    from toolkit.directions import save_direction
+
+    base = tmp_path_factory.mktemp("cast")
+    model, h, b = tiny_files(base)
+    g = torch.Generator().manual_seed(5)
+    steer_f, cond_f = base / "steer.safetensors", base / "cond.safetensors"
+    save_direction(steer_f, torch.randn(32, generator=g), {"layer": 2})
+    # the condition: difference in means of h and b training prompts at block 1's output (post-instruction mean)
+    from test_cli import HARMFUL, HARMLESS
+    from toolkit.models import load_model
+
+    lm = load_model(str(model), dtype="float32")
+    r = Runner(lm, ChatFormat(lm.tokenizer), batch_size=4, progress=False)
+    means = [r.collect(r.encode(s["train"]), [1], ["resid_post"], r.fmt.post_positions())["resid_post"][:, 0]
+             .double().mean((0, 1)) for s in (HARMFUL, HARMLESS)]
+    save_direction(cond_f, (means[0] - means[1]).float(), {"layer": 1, "site": "resid_post"})
+    return base, model, h, b, steer_f, cond_f
+
+
+def cast_args(cli_env, *extra):
+    base, model, h, b, steer_f, cond_f = cli_env
+    return ["steer", "--model", model, "--direction", steer_f, "--condition", cond_f, "--calibrate-sets", f"{h},{b}",
+            "--sets", f"{h},{b}", "--alpha", "0,2", "--random", "2", "--orthogonal", "0", "--scale", "unit", "--quiet", "--batch-size", "3",
+            "--dtype", "float32", "--no-plot", *extra]
+
+
+def _side(df, kind, alpha):
+    return df[(df.kind == kind) & (df.alpha == alpha)].set_index(["set", "id"]).sort_index()
+
+
+def test_steer_condition_auto_threshold_end_to_end(cli_env, runs):
+    from test_cli import assert_ok, invoke
+    from toolkit.models import load_model
+    from toolkit.prompts import load_prompt_set
+
+    base, model, h, b, steer_f, cond_f = cli_env
+    out = assert_ok(invoke(cast_args(cli_env, "--name", "c")))
+    run = runs / "steer" / "c"
+    df = pd.read_csv(run / "results.csv")
+    assert set(df.kind) == {"learned", "random", "conditional"}
+    assert {"condition_similarity", "gated"} <= set(df.columns)
+    meta = json.loads((run / "run.json").read_text())
+    info = meta["results"]["condition"]
+    assert (info["layer"], info["site"], info["threshold_mode"]) == (1, "resid_post", "auto")
+    # the similarities are the engine's, the threshold is the calibration on the two sets' train splits
+    lm = load_model(str(model), dtype="float32")
+    r = Runner(lm, ChatFormat(lm.tokenizer), batch_size=3, progress=False)
+    cond = Direction.resolve(str(cond_f))
+    ps = {n: load_prompt_set(str(f)) for n, f in (("h", h), ("b", b))}
+    sims = {n: condition_similarity(r, r.encode(p.select("train").prompts), cond) for n, p in ps.items()}
+    cal = calibrate_threshold(sims["h"], sims["b"])
+    assert info["threshold"] == pytest.approx(cal.threshold, abs=1e-12)
+    assert info["calibration"]["balanced_accuracy"] == pytest.approx(cal.balanced_accuracy)
+    test_h = ps["h"].select("test")
+    direct = condition_similarity(r, r.encode(test_h.prompts), cond)
+    got = df[(df.kind == "conditional") & (df.alpha == 2) & (df.set == "h")].set_index("id").loc[test_h.ids]
+    assert np.allclose(got.condition_similarity.to_numpy(), direct, atol=1e-6)
+    assert (got.gated.to_numpy() == (got.condition_similarity.to_numpy() >= info["threshold"])).all()
+    # conditional steering: gated prompts exactly as unconditional steering, the others as the baseline
+    cond2, learned2, base0 = _side(df, "conditional", 2), _side(df, "learned", 2), _side(df, "learned", 0)
+    gated = cond2.gated.astype(bool)
+    assert 0 < gated.sum() < len(gated), "the toy threshold should gate some prompts only"
+    assert np.allclose(cond2.score[gated], learned2.score[gated], atol=1e-5)
+    assert np.allclose(cond2.score[~gated], base0.score[~gated], atol=1e-5)
+    assert not np.allclose(learned2.score[~gated], base0.score[~gated], atol=1e-3)
+    # cast.csv: per set, the gate rate and both means; run.json's gate rates agree
+    cast = pd.read_csv(run / "cast.csv")
+    assert list(cast.columns) == ["layer", "set", "part", "alpha", "gate_rate", "n", "mean_score_unconditional",
+                                  "mean_score_conditional"]
+    row = cast[(cast.set == "h") & (cast.alpha == 2)].iloc[0]
+    assert row.gate_rate == pytest.approx(got.gated.mean())
+    assert row.gate_rate == pytest.approx(info["gate_rate"]["h/all"])
+    assert row.mean_score_conditional == pytest.approx(cond2.loc["h"].score.mean())
+    assert row.mean_score_unconditional == pytest.approx(learned2.loc["h"].score.mean())
+    assert "CAST" in out and f"h (all): gate rate {row.gate_rate:.2f}" in out
+    # the summary keeps one conditional row per point; band.csv and stats control still see learned vs random
+    summ = pd.read_csv(run / "summary.csv")
+    assert len(summ[summ.kind == "conditional"]) == 2 * 2
+    assert len(pd.read_csv(run / "band.csv")) == 2 * 2
+    assert_ok(invoke(["stats", "control", run, "--name", "ctl"]))
+
+
+@pytest.mark.parametrize("threshold, other", [("-inf", "learned"), ("inf", "baseline")])
+def test_steer_condition_infinite_thresholds(cli_env, runs, threshold, other):
+    from test_cli import assert_ok, invoke
+
+    name = "open" if threshold == "-inf" else "shut"
+    assert_ok(invoke(cast_args(cli_env, "--threshold", threshold, "--name", name)))
+    df = pd.read_csv(runs / "steer" / name / "results.csv")
+    cond = _side(df, "conditional", 2)
+    want = _side(df, "learned", 2) if other == "learned" else _side(df, "learned", 0)
+    assert cond.gated.all() if other == "learned" else not cond.gated.any()
+    assert (cond.score.to_numpy() == want.score.to_numpy()).all()
+    info = json.loads((runs / "steer" / name / "run.json").read_text())["results"]["condition"]
+    assert info["threshold_mode"] == "given" and "calibration" not in info
+
+
+def test_steer_condition_at_every_position_with_generation(cli_env, runs):
+    from test_cli import assert_ok, invoke
+
+    assert_ok(invoke(cast_args(cli_env, "--positions", "all", "--gen-tokens", "3", "--condition-layer", "-3",
+                               "--random", "0", "--name", "g")))
+    df = pd.read_csv(runs / "steer" / "g" / "results.csv")
+    meta = json.loads((runs / "steer" / "g" / "run.json").read_text())
+    assert meta["results"]["condition"]["layer"] == 1  # -3 of 4 blocks
+    cond2, learned2, base0 = _side(df, "conditional", 2), _side(df, "learned", 2), _side(df, "learned", 0)
+    gated = cond2.gated.astype(bool)
+    assert 0 < gated.sum() < len(gated)
+    assert (cond2.completion[gated].fillna("") == learned2.completion[gated].fillna("")).all()
+    assert (cond2.completion[~gated].fillna("") == base0.completion[~gated].fillna("")).all()
+    assert np.allclose(cond2.score[gated], learned2.score[gated], atol=1e-5)
+    assert np.allclose(cond2.score[~gated], base0.score[~gated], atol=1e-5)
+    assert cond2.coherence.notna().any()
+    cast = pd.read_csv(runs / "steer" / "g" / "cast.csv")
+    assert {"refusal_rate_unconditional", "refusal_rate_conditional"} <= set(cast.columns)
+
+
+def test_steer_without_condition_is_unchanged(cli_env, runs):
+    from test_cli import assert_ok, entries, invoke
+
+    base, model, h, b, steer_f, cond_f = cli_env
+    assert_ok(invoke(["steer", "--model", model, "--direction", steer_f, "--sets", h, "--alpha", "0,2", "--quiet",
+                      "--no-plot", "--name", "plain"]))
+    df = pd.read_csv(runs / "steer" / "plain" / "results.csv")
+    assert set(df.kind) == {"learned"} and "gated" not in df.columns
+    assert "cast.csv" not in entries(runs / "steer" / "plain")
+    assert json.loads((runs / "steer" / "plain" / "run.json").read_text())["results"]["condition"] is None
+
+
+def test_steer_condition_bad_input(cli_env, runs, tmp_path):
+    from test_cli import assert_usage_error, invoke
+    from toolkit.directions import save_direction
+
+    wide, nolayer = tmp_path / "wide.safetensors", tmp_path / "nolayer.safetensors"
+    save_direction(wide, torch.randn(64), {"layer": 1})
+    save_direction(nolayer, torch.randn(32), {})
+    base, model, h, b, steer_f, cond_f = cli_env
+    cases = [
+        (["--threshold", "high"], ["--threshold", "number or auto"]),
+        (["--threshold", "nan"], ["--threshold"]),
+        (["--calibrate-sets", h], ["--calibrate-sets", "two sets"]),
+        (["--calibrate-split", "nope"], []),
+        (["--condition-layer", "9"], ["--condition-layer", "out of range"]),
+        (["--condition", wide], ["--condition", "d_model"]),
+        (["--condition", nolayer], ["--condition-layer", "no layer"]),
+        (["--condition", tmp_path / "missing.safetensors"], []),
+    ]
+    for extra, needles in cases:
+        assert_usage_error(invoke(cast_args(cli_env, *extra)), *needles)
+        assert not (runs / "steer").exists() or not any((runs / "steer").iterdir()), extra

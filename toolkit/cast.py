@@ -149,6 +149,25 @@ def calibrate_threshold(sims_pos: Sequence[float] | np.ndarray, sims_neg: Sequen
     return Calibration(t, float(bal[k]), float(tpr[k]), float(fpr[k]))
 
 
+def parse_threshold(spec: str) -> float | None:
+    """A CAST threshold as given on the command line: ``"auto"`` (None: calibrate it) or a number (``inf`` and
+    ``-inf`` allowed: no prompt passes, every prompt passes).
+
+    Raises:
+        ToolkitError: anything else, or NaN (``threshold``).
+    """
+    text = str(spec).strip()
+    if text.lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ToolkitError(f"expected a number or auto, got {spec!r}", param="threshold") from None
+    if np.isnan(value):
+        raise ToolkitError("the threshold is not a number", param="threshold")
+    return value
+
+
 def gate_from(similarity: Sequence[float] | np.ndarray, threshold: float) -> np.ndarray:
     """The CAST gate ``similarity >= threshold`` per prompt, ``[n]`` bool (``-inf`` opens every gate, ``+inf``
     closes every one).
