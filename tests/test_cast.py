@@ -389,3 +389,45 @@ def test_steer_condition_bad_input(cli_env, runs, tmp_path):
     for extra, needles in cases:
         assert_usage_error(invoke(cast_args(cli_env, *extra)), *needles)
         assert not (runs / "steer").exists() or not any((runs / "steer").iterdir()), extra
+
+
+def test_forced_and_continuation_passes_report_caller_rows(qwen):
+    # prompts with empty continuations are skipped; the rows handed to hooks stay caller indices (the gate's order)
+    lm, r = qwen
+    from toolkit.hooks import hooked
+
+    enc = r.encode(PROMPTS)
+    conts = [[] if i % 3 == 0 else [5, 6][: 1 + i % 2] for i in range(len(PROMPTS))]
+    keep = {i for i, c in enumerate(conts) if c}
+    seen = []
+
+    def spy(x, ctx):
+        if ctx.state.rows is not None:
+            seen.append((ctx.state.phase, tuple(ctx.state.rows.tolist())))
+
+    with hooked(lm.model, [("resid_pre", 0, spy)], write=False):
+        r.forced(enc, conts, lambda *a: None)
+        forced = list(seen)
+        seen.clear()
+        r.continuation_logprob(enc, conts)
+    for got in (forced, seen):
+        rows = {i for _, rs in got for i in rs}
+        assert rows == keep, got
+
+
+def test_mixed_gate_in_continuation_passes(qwen):
+    # every position, no shared prefix: the likelihood of a continuation is steered for the gated prompts only,
+    # also when prompts with an empty continuation are skipped (rows stay caller indices)
+    lm, r = qwen
+    v = _vec()
+    enc = Encoded(r.encode(PROMPTS).ids, 0)
+    conts = [[] if i == 0 else [5, 6, 7][: 1 + i % 3] for i in range(len(PROMPTS))]
+    with conditional_addition(lm.model, v, [2], alpha=1.5, gate=MIXED):
+        got = r.continuation_logprob(enc, conts)
+    plain = r.continuation_logprob(enc, conts)
+    with activation_addition(lm.model, v, [2], alpha=1.5):
+        steered = r.continuation_logprob(enc, conts)
+    assert np.isnan(got[0])
+    want = np.where(MIXED, steered, plain)
+    assert np.allclose(got[1:], want[1:], atol=1e-5)
+    assert not np.allclose(steered[1:], plain[1:], atol=1e-3)

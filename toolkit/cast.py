@@ -194,8 +194,8 @@ def conditional_addition(model: nn.Module, vector: torch.Tensor | Direction, lay
     (:meth:`toolkit.runner.Runner.logits` with a context) and generation (:meth:`toolkit.runner.Runner.generate`,
     whose batches keep their rows to the end).
 
-    A pass whose rows are not known (a plain forward call outside a Runner, the shared template prefix, which the
-    Runner computes once for every prompt, and continuation passes) can be served only when the gate is uniform
+    A pass whose rows are not known (a plain forward call outside a Runner, or the shared template prefix, which
+    the Runner computes once for every prompt) can be served only when the gate is uniform
     (all open or all closed). With ``positions`` given that never matters (those passes are not steered); at every
     position (``positions=None``) with a mixed gate, run the prompts without a shared prefix
     (``Encoded(enc.ids, 0)``).
@@ -239,7 +239,7 @@ def conditional_addition(model: nn.Module, vector: torch.Tensor | Direction, lay
         if pos_t is not None and not ctx.in_prompt:
             return None
         rows = ctx.state.rows
-        if rows is None or ctx.state.phase in ("prefix", "continuation"):
+        if rows is None or ctx.state.phase == "prefix":
             if not (all_open or all_closed):
                 raise ToolkitError("a mixed gate at every position cannot steer a pass whose prompts are not known "
                                    "(a shared prefix or a plain forward call); run without a shared prefix")
