@@ -385,7 +385,8 @@ def print_cast(table: pd.DataFrame, info: dict) -> None:
 
     cal = info.get("calibration")
     how = (f"calibrated, balanced accuracy {cal['balanced_accuracy']:.2f}" if cal else "given")
-    out.print(f"CAST: condition cosine >= {float(info['threshold']):.4g} ({how}) at layer {info['layer']} {info['site']}",
+    out.print(f"CAST: condition cosine >= {float(info['threshold']):.4g} ({how}) at layer {info['layer']} "
+              f"{info['site']}",
               highlight=False)
     rates = "refusal_rate_conditional" in table.columns
     for (layer, set_, part), g in table.groupby(["layer", "set", "part"], sort=False):

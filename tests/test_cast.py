@@ -261,8 +261,8 @@ def cli_env(tmp_path_factory):
 def cast_args(cli_env, *extra):
     base, model, h, b, steer_f, cond_f = cli_env
     return ["steer", "--model", model, "--direction", steer_f, "--condition", cond_f, "--calibrate-sets", f"{h},{b}",
-            "--sets", f"{h},{b}", "--alpha", "0,2", "--random", "2", "--orthogonal", "0", "--scale", "unit", "--quiet", "--batch-size", "3",
-            "--dtype", "float32", "--no-plot", *extra]
+            "--sets", f"{h},{b}", "--alpha", "0,2", "--random", "2", "--orthogonal", "0", "--scale", "unit",
+            "--quiet", "--batch-size", "3", "--dtype", "float32", "--no-plot", *extra]
 
 
 def _side(df, kind, alpha):
