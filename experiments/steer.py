@@ -11,16 +11,19 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from toolkit.cast import calibrate_threshold, condition_similarity, conditional_addition, gate_from, parse_threshold
 from toolkit.directions import Direction
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import Coherence, Degeneration, Evaluation, evaluate, judged
+from toolkit.hooks import check_layer
 from toolkit.index_spec import LayerSpec, PositionSpec, check_site
 from toolkit.interventions import activation_addition
 from toolkit.judges import parse_windows
 from toolkit.prompts import PromptSet, distinct_names, load_prompt_set
+from toolkit.runner import Encoded
 from toolkit.runs import Run
 from toolkit.steering import dial_direction, hash_split, parse_alphas, random_directions, scale_value
-from toolkit.steering_summary import band_table, monotonicity, summarise
+from toolkit.steering_summary import band_table, cast_table, monotonicity, summarise
 
 from .shared import (Cli, FiniteFloat, JudgeOptions, ModelOptions, RunOptions, SteerPositions, SteerScale, SteerSite, command,
                      console, out, sweep_bar)
@@ -63,6 +66,17 @@ class SteerConfig(ModelOptions, JudgeOptions, RunOptions):
     gen_tokens: int = Field(0, ge=0, description="also generate this many greedy tokens per prompt and judge "
                             "refusal, degeneration and coherence (slow: one generation per point)")
     plot: bool = Field(True, description="write steer.png")
+    condition: Optional[str] = Field(None, description="conditional activation steering (CAST, Lee et al. 2024): "
+                                     "also steer only the prompts whose mean post-instruction hidden state has cosine "
+                                     ">= --threshold with this condition direction (runs/extract/NAME, NAME or a "
+                                     "direction file) at its layer and site, beside unconditional steering")
+    condition_layer: Optional[int] = Field(None, description="layer where the condition is read [default: the "
+                                           "condition direction's]")
+    threshold: str = Field("auto", description="CAST gate: steer a prompt when its condition cosine >= this number; "
+                           "auto: the threshold with the best balanced accuracy between --calibrate-sets")
+    calibrate_sets: str = Field("harmful,harmless", description="with --threshold auto: the prompts to steer and the "
+                                "prompts to spare, comma-separated (built-in names or files)")
+    calibrate_split: str = Field("train", description="split of --calibrate-sets used to calibrate the threshold")
 
 
 @command(SteerConfig)
@@ -73,6 +87,11 @@ def steer(cfg: SteerConfig):
     Writes runs/steer/NAME/ with results.csv (one row per direction, layer, alpha, set, part and prompt),
     summary.csv (per direction, layer, alpha, set, part), band.csv (learned direction vs the random band per
     alpha), steer.png, the learned directions (direction_L<layer>.safetensors) and run.json.
+
+    With --condition (CAST) the steered direction is also applied conditionally at every alpha (kind
+    "conditional" in results.csv and summary.csv, whose rows also give each prompt's condition_similarity and
+    gated), and cast.csv sets conditional beside unconditional steering per layer, set and alpha with the gate rate
+    (share of prompts steered).
     """
     if (cfg.direction is None) == (cfg.learn is None):
         raise ToolkitError("give exactly one of `direction` or `learn`")
@@ -104,6 +123,20 @@ def steer(cfg: SteerConfig):
         units.append(Unit(ps.select(cfg.split).head(limit), "all"))
     if not units:
         raise ToolkitError("nothing to evaluate: give --sets")
+    cond = threshold = None
+    calib_ps: list[PromptSet] = []
+    if cfg.condition is not None:
+        threshold = parse_threshold(cfg.threshold)
+        cond = Direction.resolve(cfg.condition)
+        if threshold is None:
+            names = [x.strip() for x in cfg.calibrate_sets.split(",") if x.strip()]
+            if len(names) != 2:
+                raise ToolkitError("give two sets: the prompts to steer, then the prompts to spare",
+                                   param="calibrate_sets")
+            calib_ps = [load_prompt_set(n).select(cfg.calibrate_split) for n in names]
+            for ps in calib_ps:
+                if len(ps) == 0:
+                    raise ToolkitError(f"{ps.name} has no {cfg.calibrate_split!r} prompts", param="calibrate_split")
     for u, ps in zip(units, distinct_names([u.ps for u in units])):
         u.ps = ps
 
@@ -131,6 +164,11 @@ def steer(cfg: SteerConfig):
         if pos is not None and -min(pos) > shortest:
             raise ToolkitError(f"--positions {min(pos)} is beyond the shortest evaluated prompt ({shortest} tokens, "
                                f"so -{shortest} is its first token)")
+        cast = None
+        if cond is not None:
+            t0 = time.time()
+            cast = _condition(r, lm, enc, cond, cfg.condition_layer, threshold, calib_ps)
+            run.time("condition", time.time() - t0)
 
         # baseline: one pass, reading the residual at the steered layers (post-instruction positions)
         t0 = time.time()
@@ -191,7 +229,11 @@ def steer(cfg: SteerConfig):
         # the sweep
         t0 = time.time()
         nonzero = [x for x in alphas if x != 0]
-        total = len(layer_list) * len(dirs) * len(nonzero)
+        total = len(layer_list) * (len(dirs) + (cast is not None)) * len(nonzero)
+        # a mixed gate at every position cannot share the template prefix (computed once for all prompts)
+        cenc = enc if pos is not None else Encoded(enc.ids, 0)
+        cmeasures = measures if cenc is enc else [*measures[:-1], Coherence(None)]
+        extra = {} if cast is None else {"sims": cast["sims"], "gate": cast["gate"]}
         rows = []
         with sweep_bar(r, total, "steer", cfg.quiet) as bar:
             for l in layer_list:
@@ -206,7 +248,20 @@ def steer(cfg: SteerConfig):
                                            context=ctx, desc="steer")
                             bar.update(1)
                         for u in units:
-                            rows += _rows(res, u, kind, idx, dseed, l, site, cfg.positions, x, scales[l])
+                            rows += _rows(res, u, kind, idx, dseed, l, site, cfg.positions, x, scales[l], **extra)
+                        if cast is None or kind != "learned":
+                            continue
+                        if x == 0:
+                            cres = base
+                        else:
+                            steering = conditional_addition(lm.model, vec, [l], alpha=x, gate=cast["gate"],
+                                                            positions=pos, site=site)
+                            cres = evaluate(r, cenc, cmeasures, gen_tokens=gen_tokens, intervention=steering,
+                                            context=ctx if cenc is enc else None, desc="steer (conditional)")
+                            bar.update(1)
+                        for u in units:
+                            rows += _rows(cres, u, "conditional", idx, dseed, l, site, cfg.positions, x, scales[l],
+                                          **extra)
         run.time("sweep", time.time() - t0)
         res_df = pd.DataFrame(rows)
         summary = summarise(res_df)
@@ -215,6 +270,11 @@ def steer(cfg: SteerConfig):
         run.write_csv("results.csv", res_df)
         run.write_csv("summary.csv", summary)
         run.write_csv("band.csv", band)
+        cast_summary = None
+        if cast is not None:
+            cast_summary = cast_table(summary, res_df)
+            run.write_csv("cast.csv", cast_summary)
+            cast["info"]["gate_rate"] = {f"{u.ps.name}/{u.part}": float(np.mean(cast["gate"][u.sl])) for u in units}
         if cfg.plot and (random or orthogonal or len(alphas) > 1):
             from toolkit.plots import steer_plot
 
@@ -222,20 +282,56 @@ def steer(cfg: SteerConfig):
         results = {"alphas": alphas, "layers": layer_list, "scale": {"kind": cfg.scale, "values": scales,
                                                                      "resid_norm": resid_norm, "raw_norm": raw_norm},
                    "monotonic": mono, "n_passes": total, "learned": learn_info,
+                   "condition": None if cast is None else cast["info"],
                    "direction": d.describe() if d is not None else
                    {"source": "learned", "learn_set": learn_ps.name, "top_k": top_k, "n_train": len(train_ps)}}
         psets = [u.ps.describe() | {"part": u.part} for u in units]
         final = run.finish(model=lm.describe(), prompt_sets=psets, seed=seed,
                            params=cfg.params(direction=d.source if d is not None else None, layers=layer_list,
-                                             site=site, refusal_token_ids=ses.refusal_ids),
+                                             site=site, refusal_token_ids=ses.refusal_ids,
+                                             condition=cond.source if cond is not None else None),
                            results=results, judge=judge.describe() if judge is not None else None)
     print_band(band, mono)
+    if cast_summary is not None:
+        print_cast(cast_summary, cast["info"])
     console.print(f"wrote {final}")
 
 
+def _condition(r, lm, enc: Encoded, cond: Direction, layer: int | None, threshold: float | None,
+               calib_ps: list[PromptSet]) -> dict:
+    """CAST's gate for every evaluated prompt: the condition cosine (mean over post-instruction positions, at the
+    condition's layer and site) and the threshold, given or calibrated on ``calib_ps`` (steer, spare)."""
+    try:
+        cond.check(lm)
+    except ToolkitError as e:
+        raise ToolkitError(e.message, param="condition") from None
+    if layer is None and cond.layer is None:
+        raise ToolkitError("the condition direction records no layer; give one", param="condition_layer")
+    try:
+        layer = check_layer(lm.model, cond.layer if layer is None else layer)
+    except ToolkitError as e:
+        raise ToolkitError(e.message, param="condition_layer") from None
+    site = check_site(cond.site or "resid_pre")
+    info = {"source": cond.source, "layer": layer, "site": site, "positions": "post", "score": "cosine",
+            "threshold_mode": "given" if threshold is not None else "auto"}
+    if threshold is None:
+        pos_s, neg_s = (condition_similarity(r, r.encode(ps.prompts), cond, layer=layer, site=site,
+                                             desc=f"condition ({ps.name})") for ps in calib_ps)
+        cal = calibrate_threshold(pos_s, neg_s)
+        threshold = cal.threshold
+        info["calibration"] = {"steer": calib_ps[0].describe(), "spare": calib_ps[1].describe(),
+                               "balanced_accuracy": cal.balanced_accuracy,
+                               "true_positive_rate": cal.true_positive_rate,
+                               "false_positive_rate": cal.false_positive_rate}
+    sims = condition_similarity(r, enc, cond, layer=layer, site=site)
+    info["threshold"] = threshold if np.isfinite(threshold) else str(threshold)  # JSON has no infinities
+    return {"sims": sims, "gate": gate_from(sims, threshold), "info": info}
+
+
 def _rows(res: Evaluation, u: Unit, kind: str, idx: int, dseed, layer: int, site: str, positions: str,
-          alpha: float, scale: float) -> list[dict]:
-    """One results.csv row per prompt of unit ``u`` from the evaluation of the joint encoding."""
+          alpha: float, scale: float, sims: np.ndarray | None = None, gate: np.ndarray | None = None) -> list[dict]:
+    """One results.csv row per prompt of unit ``u`` from the evaluation of the joint encoding; with CAST (``sims``
+    and ``gate`` over the joint encoding) also each prompt's condition cosine and whether it passed the gate."""
     from .shared import judge_columns
 
     out_rows = []
@@ -250,6 +346,8 @@ def _rows(res: Evaluation, u: Unit, kind: str, idx: int, dseed, layer: int, site
                          "coherence": None if col["coherence"] is None else float(col["coherence"][i]),
                          **judge_columns(res, i),
                          "completion": None if res.completions is None else res.completions[i]})
+        if sims is not None:
+            out_rows[-1] |= {"condition_similarity": float(sims[i]), "gated": bool(gate[i])}
     return out_rows
 
 
@@ -278,3 +376,29 @@ def print_band(band: pd.DataFrame, mono: list[dict]) -> None:
     for m in mono:
         out.print(f"layer {m['layer']} {m['set']} ({m['part']}): Spearman rho {m['spearman_rho']:.2f}; mean score "
                   f"non-decreasing for alpha in [{m['monotone_from']:g}, {m['monotone_to']:g}]", highlight=False)
+
+
+def print_cast(table: pd.DataFrame, info: dict) -> None:
+    """Print CAST beside unconditional steering per layer, set and alpha: mean score (and refusal rate, when
+    judged) both ways, and the share of prompts the gate steers."""
+    from rich.table import Table
+
+    cal = info.get("calibration")
+    how = (f"calibrated, balanced accuracy {cal['balanced_accuracy']:.2f}" if cal else "given")
+    out.print(f"CAST: condition cosine >= {float(info['threshold']):.4g} ({how}) at layer {info['layer']} "
+              f"{info['site']}",
+              highlight=False)
+    rates = "refusal_rate_conditional" in table.columns
+    for (layer, set_, part), g in table.groupby(["layer", "set", "part"], sort=False):
+        out.print(f"layer {layer}, {set_} ({part}): gate rate {g['gate_rate'].iloc[0]:.2f} (share of prompts "
+                  "steered)", highlight=False)
+        t = Table(title="mean refusal score, unconditional vs CAST", title_justify="left")
+        cols = ["alpha", "score", "score CAST"] + (["refusal rate", "refusal rate CAST"] if rates else [])
+        for c in cols:
+            t.add_column(c, justify="right")
+        for _, r in g.iterrows():
+            vals = [f"{r['alpha']:g}", f"{r['mean_score_unconditional']:.2f}", f"{r['mean_score_conditional']:.2f}"]
+            if rates:
+                vals += [f"{r['refusal_rate_unconditional']:.2f}", f"{r['refusal_rate_conditional']:.2f}"]
+            t.add_row(*vals)
+        out.print(t)

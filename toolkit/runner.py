@@ -669,6 +669,7 @@ class Runner:
         sub = Encoded([enc.ids[i] for i in keep], enc.prefix_len)
         sub = self._ensure_depth(sub, active_hooks(self.model).depth)
         for b, cache, state in self._iterate(sub, desc):
+            state.rows = torch.tensor([keep[i] for i in b.index])  # caller-order rows, not indices into ``sub``
             kw = self._inputs(sub, b, cache)
             kw.setdefault("past_key_values", DynamicCache(config=self.model.config))
             out = self.model(**kw, use_cache=True, logits_to_keep=1)
@@ -756,7 +757,8 @@ class Runner:
                 raise ToolkitError("a context cache describes the unmodified model; remove interventions first")
             return self._continuation_from_context(context, conts, out, desc)
         full = Encoded([list(enc.ids[i]) + conts[i] for i in keep], enc.prefix_len)
-        for b, cache, _ in self._iterate(full, desc, phase="continuation"):
+        for b, cache, state in self._iterate(full, desc, phase="continuation"):
+            state.rows = torch.tensor([keep[i] for i in b.index])  # caller-order rows, not indices into ``full``
             lens = [len(conts[keep[i]]) for i in b.index]
             m = max(lens)
             logits = self.model(**self._inputs(full, b, cache), use_cache=cache is not None,

@@ -2,7 +2,8 @@
 
 ``refusal steer``: per point (direction, layer, alpha, set, part) means and rates with intervals, the steered
 direction against the random and orthogonal-random bands, and monotonicity in alpha. Input is the sweep's
-per-prompt table: one row per direction kind (``learned``, ``random``, ``orthogonal``), direction index, layer,
+per-prompt table: one row per direction kind (``learned``, ``random``, ``orthogonal``, and ``conditional``: the
+steered direction under CAST's gate, :func:`cast_table`), direction index, layer,
 alpha, set, part and prompt, with ``score`` and, when completions were generated, ``refusal``, ``degenerate`` and
 ``coherence``.
 
@@ -73,6 +74,41 @@ def band_table(summary: pd.DataFrame, rates: bool) -> pd.DataFrame:
                         row[f"{pfx}_outside"] = bool(ctl["exceeds_band"])
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def cast_table(summary: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """Conditional activation steering (CAST, Lee et al. 2024) beside unconditional steering of the same direction.
+
+    One row per (layer, set, part, alpha): ``gate_rate`` (share of the set's prompts whose gate is open, from the
+    per-prompt ``gated`` column), ``n``, and for each metric of ``summary`` (``mean_score``; ``refusal_rate`` when
+    completions were judged) its value under unconditional steering (kind ``learned``) as
+    ``<metric>_unconditional`` and under conditional steering (kind ``conditional``) as ``<metric>_conditional``;
+    at alpha 0 both are the unsteered baseline.
+
+    Args:
+        summary: :func:`summarise` of ``df``.
+        df: the per-prompt table with kinds ``learned`` and ``conditional`` and the column ``gated`` (bool).
+
+    Raises:
+        ToolkitError: no conditional rows or no ``gated`` column.
+    """
+    from .errors import ToolkitError
+
+    if "gated" not in df.columns or not (df["kind"] == "conditional").any():
+        raise ToolkitError("the sweep has no conditional steering rows")
+    metrics = [m for m in ("mean_score", "refusal_rate") if m in summary.columns and summary[m].notna().any()]
+    per_prompt = df[df["kind"] == "conditional"].drop_duplicates(["set", "part", "id"])
+    gate = per_prompt.groupby(["set", "part"], sort=False)["gated"].agg(lambda g: float(g.astype(bool).mean()))
+    keys = ["layer", "set", "part", "alpha"]
+    side = {}
+    for kind, label in (("learned", "unconditional"), ("conditional", "conditional")):
+        s = summary[summary["kind"] == kind].set_index(keys)[metrics]
+        side[label] = s.rename(columns={m: f"{m}_{label}" for m in metrics})
+    cond = summary[summary["kind"] == "conditional"][keys + ["n"]].set_index(keys)
+    out = cond.join(side["unconditional"]).join(side["conditional"]).reset_index()
+    out.insert(4, "gate_rate", [gate[(s, p)] for s, p in zip(out["set"], out["part"])])
+    cols = keys + ["gate_rate", "n"] + [f"{m}_{label}" for m in metrics for label in ("unconditional", "conditional")]
+    return out[cols]
 
 
 def monotonicity(summary: pd.DataFrame) -> list[dict]:
