@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from toolkit.judges import parse_windows
 from toolkit.prompts import PromptSet, distinct_names, load_prompt_set
 from toolkit.runner import Encoded
 from toolkit.runs import Run
+from toolkit.estimators import GROUP_METHODS, METHOD_LABELS
 from toolkit.steering import dial_direction, hash_split, parse_alphas, random_directions, scale_value
 from toolkit.steering_summary import band_table, cast_table, monotonicity, summarise
 
@@ -48,6 +49,9 @@ class SteerConfig(ModelOptions, JudgeOptions, RunOptions):
     learn_split: str = Field("all", description="split of the --learn set that is hash-split into training and "
                              "holdout halves")
     top_k: int = Field(30, ge=1, description="prompts on each side of the Refusal Dial contrast")
+    method: Literal[GROUP_METHODS] = Field(
+        "diff-means", description="estimator of the learned direction from the top-k vs bottom-k prompts: diff-means "
+        "(the Refusal Dial), geometric-median, pca (paired differences) or probe (logistic regression)")
     holdout_frac: Annotated[FiniteFloat, Field(gt=0, lt=1)] = Field(0.5, description="share of the --learn set "
                                                                      "held out")
     sets: str = Field("harmful,borderline", description="comma-separated evaluation sets (built-in names or files); "
@@ -196,12 +200,12 @@ def steer(cfg: SteerConfig):
             if d is not None:
                 v = d.vector.double()
             else:
-                v, top, bottom = dial_direction(train_acts[:, li], train_scores, top_k)
+                v, top, bottom = dial_direction(train_acts[:, li], train_scores, top_k, cfg.method, seed)
                 learn_info[l] = {"top_mean_score": float(np.mean(train_scores[top])),
                                  "bottom_mean_score": float(np.mean(train_scores[bottom]))}
                 Direction(v.float(), layer=l, site=site, position=-1, model_hash=lm.model_hash,
-                          model_id=lm.model_id, method=f"Refusal Dial: top-{top_k} minus bottom-{top_k} by refusal "
-                          "score", extra={"learned_on": {"set": train_ps.name, "sha256": train_ps.sha256,
+                          model_id=lm.model_id, method=f"Refusal Dial: top-{top_k} vs bottom-{top_k} by refusal "
+                          f"score, {METHOD_LABELS[cfg.method]}", extra={"estimator": cfg.method, "learned_on": {"set": train_ps.name, "sha256": train_ps.sha256,
                                                          "n": len(train_ps), "split_seed": seed,
                                                          "holdout_frac": cfg.holdout_frac}}
                           ).save(run.path(f"direction_L{l}.safetensors"))

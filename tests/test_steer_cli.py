@@ -235,3 +235,20 @@ def test_sigterm_leaves_no_half_written_run(tiny_env, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert entries(runs_dir / "steer") == set()
+
+
+def test_steer_method_learns_with_another_estimator(tiny_env, runs):
+    """--method probe learns the direction from the same top-k/bottom-k groups; its file records the estimator and its
+    unit direction differs from the Refusal Dial's (diff-means) one."""
+    from toolkit.directions import Direction
+
+    for m in ("diff-means", "probe"):
+        assert_ok(invoke(steer_args(tiny_env, "--method", m, "--random", "0", "--orthogonal", "0", "--alpha", "0:1:1",
+                                    "--no-plot", "--name", f"m-{m}")))
+    d = {m: Direction.load(runs / "steer" / f"m-{m}" / "direction_L2.safetensors") for m in ("diff-means", "probe")}
+    assert d["probe"].extra["estimator"] == "probe" and "probe" in d["probe"].method
+    assert d["diff-means"].extra["estimator"] == "diff-means"
+    cos = float(torch.nn.functional.cosine_similarity(d["probe"].vector, d["diff-means"].vector, dim=0))
+    assert cos < 1 - 1e-4
+    r = invoke(steer_args(tiny_env, "--method", "caa", "--name", "m-caa"))
+    assert r.exit_code == 2 and "caa" in r.output
