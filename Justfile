@@ -98,3 +98,44 @@ analysis-demo:
     refusal geometry --split test --name {{demo_name}} --force
     refusal imprint runs/cones/{{demo_name}} runs/geometry/{{demo_name}} --name {{demo_name}} --force
     refusal plot-residuals --name {{demo_name}} --force
+
+# The direction estimators on one model: `refusal extract --method M` for each of the six (same prompts, same
+# staged selection), then one table: chosen layer, validation refusal [Wilson CI], KL, cosine with
+# difference-in-means (same site, and the difference-in-means run's chosen direction), probe accuracy.
+# Direction estimators side by side (six extract runs and the table)
+estimators-demo model="qwen-coder-0.5b" prefix="est":
+    for m in diff-means geometric-median refused-minus-complied pca probe caa; do refusal extract --model {{model}} --method $m --name {{prefix}}-$m --force -q; done
+    {{python}} scripts/estimator_table.py runs/extract/{{prefix}}-diff-means runs/extract/{{prefix}}-geometric-median runs/extract/{{prefix}}-refused-minus-complied runs/extract/{{prefix}}-pca runs/extract/{{prefix}}-probe runs/extract/{{prefix}}-caa --out runs/{{prefix}}-estimators.csv --markdown
+
+# Activation patching ranks the attention heads (noising effect), then the extract run's direction is ablated
+# from the top heads only and from the whole residual stream, on the same 60+60 test prompts, side by side.
+# Needs `just demo` (its extract run) first.
+# Head-level vs full directional ablation on the default model
+heads-demo top="8":
+    refusal patch --name heads-{{demo_name}} --force
+    refusal ablate --direction runs/extract/{{demo_name}} --limit 60 --no-capability --judge {{judge}} --name full-{{demo_name}} --force
+    refusal ablate --direction runs/extract/{{demo_name}} --heads-from runs/patch/heads-{{demo_name}} --top-heads {{top}} --limit 60 --no-capability --judge {{judge}} --name heads{{top}}-{{demo_name}} --force
+    refusal compare runs/ablate/full-{{demo_name}} runs/ablate/heads{{top}}-{{demo_name}} --name heads-{{demo_name}} --force
+
+# Steering towards refusal with the extract run's direction at its layer, unconditionally and with CAST (steered only
+# when the prompt's post-instruction state is close enough to the same direction; threshold calibrated on harmful vs
+# harmless train prompts), judged on harmful and borderline test prompts. Needs `just demo` first.
+# Conditional (CAST) vs unconditional steering on the default model
+cast-demo:
+    refusal steer --direction runs/extract/{{demo_name}} --condition runs/extract/{{demo_name}} --sets harmful,borderline --alpha 0:0.45:0.15 --gen-tokens 12 --limit 40 --judge {{judge}} --name cast-{{demo_name}} --force
+
+# The three offline models: extract on each (SmolLM2-135M refuses none of the harmful validation prompts, so its
+# selection stops with that error and the recipe goes on), the per-layer geometry on two disjoint halves of the
+# prompts for each, the imprints side by side with their sampling spread, where refusal lives as a fraction of depth
+# (activation patching on the two Qwen models), and steering on the 1.5B model beside random control directions.
+# Extract, imprint, depth and steering across the three offline models
+models-demo:
+    refusal extract --model qwen-coder-0.5b --name models-qwen05 --force -q
+    refusal extract --model qwen-coder-1.5b --n-train 96 --n-val 32 --name models-qwen15 --force -q
+    -refusal extract --model smollm2-135m --filter none --name models-smol --force -q
+    for m in qwen-coder-0.5b qwen-coder-1.5b smollm2-135m; do for h in a b; do refusal geometry --model $m --half $h --name models-$m-$h --force -q; done; done
+    refusal imprint --spread runs/geometry/models-qwen-coder-0.5b-a:runs/geometry/models-qwen-coder-0.5b-b --spread runs/geometry/models-qwen-coder-1.5b-a:runs/geometry/models-qwen-coder-1.5b-b --spread runs/geometry/models-smollm2-135m-a:runs/geometry/models-smollm2-135m-b --no-plot --name models --force
+    refusal patch --model qwen-coder-0.5b --sites attn_out,mlp_out --no-heads --pairs 8 --bootstrap 200 --name models-qwen05 --force -q
+    refusal patch --model qwen-coder-1.5b --sites attn_out,mlp_out --no-heads --pairs 8 --bootstrap 200 --name models-qwen15 --force -q
+    refusal depth runs/patch/models-qwen05 runs/extract/models-qwen05 runs/patch/models-qwen15 runs/extract/models-qwen15 --name models --force
+    refusal steer --model qwen-coder-1.5b --direction runs/extract/models-qwen15 --sets harmful,borderline --alpha=-0.3:0.3:0.15 --random 4 --limit 20 --no-plot --name models-qwen15 --force
