@@ -98,3 +98,10 @@ analysis-demo:
     refusal geometry --split test --name {{demo_name}} --force
     refusal imprint runs/cones/{{demo_name}} runs/geometry/{{demo_name}} --name {{demo_name}} --force
     refusal plot-residuals --name {{demo_name}} --force
+
+# Each improvement (probe and CAA directions, head-level ablation, activation-scaled, norm-preserving and affine
+# writer edits) against plain difference-in-means ablation on the default model over seeds: extract and ablate
+# runs per seed (existing ones are skipped, so a killed study resumes), `refusal stats seeds`/`stats ttest`, and
+# runs/study/improvements/table.csv with a Markdown table of what survives (see the script's docstring for the rule)
+improvements-study seeds="0,1,2" limit="40":
+    {{python}} scripts/improvements_study.py --models qwen-coder-0.5b --seeds {{seeds}} --limit {{limit}} --judge {{judge}} --markdown
