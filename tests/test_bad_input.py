@@ -738,7 +738,8 @@ for cid, extra, *needles in (
         ("run-json-schema-text", [SC0, "fake/schemastr"], "schema"),
         ("run-json-not-utf8", [SC0, "fake/binjson"], "run.json"),
         ("markup-missing-run", [SC0, "in/run[test]"], "in/run[test]"),
-        ("name-hidden", [SC0, SC1, "--name", ".hidden"], ".hidden")):
+        ("name-hidden", [SC0, SC1, "--name", ".hidden"], ".hidden"),
+        ("vary-unknown-param", [SC0, SC1, "--vary", "nosuchparam"], "--vary:", "nosuchparam")):
     case(f"stats-seeds-{cid}", ["stats", "seeds", *extra], *needles)
 case("stats-seeds-no-runs", ["stats", "seeds"], usage=True)
 

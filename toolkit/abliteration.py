@@ -337,8 +337,8 @@ def layer_separation(harmful: torch.Tensor, harmless: torch.Tensor, directions: 
     Args:
         harmful, harmless: ``[n_h, n_layers, d_model]`` and ``[n_b, n_layers, d_model]`` residuals (e.g.
             ``resid_pre`` at prompt position -1), any float dtype.
-        directions: ``[n_layers, d_model]`` unit directions (one per layer), or ``[d_model]`` (the same at every
-            layer; normalised here).
+        directions: ``[n_layers, d_model]`` unit directions (one per layer; used as given, a zero row gives 0), or
+            ``[d_model]`` (the same at every layer; normalised here).
 
     Returns:
         ``[n_layers]`` float64 (dimensionless; positive where harmful prompts project further along the direction).
@@ -352,7 +352,10 @@ def layer_separation(harmful: torch.Tensor, harmless: torch.Tensor, directions: 
     if len(harmful) < 1 or len(harmless) < 1:
         raise ToolkitError("the separation needs at least one harmful and one harmless prompt")
     L, d = harmful.shape[1:]
-    dirs = unit_rows(directions) if directions.ndim == 2 else unit_rows(directions).expand(L, -1)
+    if directions.ndim == 2:  # used as given (the search leaves an all-zero row 0 at zero: separation 0 there)
+        dirs = directions.detach().to("cpu", torch.float64)
+    else:
+        dirs = unit_rows(directions).expand(L, -1)
     if dirs.shape != (L, d):
         raise ToolkitError(f"directions {tuple(directions.shape)} do not fit residuals of {L} layers x width {d}")
     ph = torch.einsum("nld,ld->nl", harmful.double().cpu(), dirs)
