@@ -361,7 +361,8 @@ def layer_separation(harmful: torch.Tensor, harmless: torch.Tensor, directions: 
     ph = torch.einsum("nld,ld->nl", harmful.double().cpu(), dirs)
     pb = torch.einsum("nld,ld->nl", harmless.double().cpu(), dirs)
     zero = torch.zeros(L, dtype=torch.float64)
-    pooled = ((ph.var(0, unbiased=True) if len(ph) > 1 else zero) + (pb.var(0, unbiased=True) if len(pb) > 1 else zero)) / 2
+    pooled = ((ph.var(0, unbiased=True) if len(ph) > 1 else zero)
+              + (pb.var(0, unbiased=True) if len(pb) > 1 else zero)) / 2
     return (ph.mean(0) - pb.mean(0)) / pooled.clamp(min=1e-12).sqrt()
 
 
