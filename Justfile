@@ -81,6 +81,15 @@ warm-start-demo trials="12":
 bench-heretic trials="10":
     {{python}} scripts/bench_heretic.py --name side{{trials}} --trials {{trials}} --startup-trials 3 --batch-size 16 --heretic-dtype bfloat16 --dtype bfloat16 --no-prefix-check --heretic-max-tokens 32 --n-test 60 --gen-tokens 64 --force
 
+# Each improvement (probe and CAA directions, head-level ablation, activation-scaled, norm-preserving and affine
+# writer edits) against plain difference-in-means ablation on the default model over seeds: extract and ablate runs
+# per seed (existing ones are skipped, so a killed study resumes), `refusal stats seeds`/`stats ttest`, and
+# runs/study/improvements/table.csv with a Markdown table of what survives (the rule: the script's docstring). The
+# heads arm needs a patch run (`patch=runs/patch/NAME`, e.g. from `just heads-demo`); without one it is skipped.
+# The improvements study: every arm vs difference-in-means ablation, seeds x test prompts
+improvements-study seeds="0,1,2" limit="40" patch="":
+    {{python}} scripts/improvements_study.py --models qwen-coder-0.5b --seeds {{seeds}} --limit {{limit}} --judge {{judge}} {{ if patch != "" { "--heads-from " + patch } else { "" } }} --markdown
+
 # Benchmark: every pass in float32 and bfloat16 side by side with the ratio, then the demo's wall time
 bench:
     {{python}} scripts/bench.py

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import pandas as pd
 from pydantic import Field
 
+from toolkit.abliteration import COMPONENTS, apply_weight_edit, edit_hooks, fixed_edit, layer_separation
 from toolkit.checkpoints import (check_export_target, check_save_path, export_head_orthogonalized,
-                                  export_orthogonalized)
+                                  export_orthogonalized, export_weight_edit)
 from toolkit.damage import forced_damage, reference_completions
 from toolkit.directions import Direction
 from toolkit.errors import ToolkitError
@@ -65,6 +66,17 @@ class AblateConfig(ModelOptions, JudgeOptions, RunOptions):
                                       "`refusal patch` run (runs/patch/NAME or NAME; its noising effects, else its "
                                       "denoising ones)")
     top_heads: Optional[int] = Field(None, ge=1, description="with --heads-from: how many heads [default: 10]")
+    form: Optional[Literal["projection", "norm-preserving", "affine"]] = Field(
+        None, description="instead of directional ablation, a fixed weight edit of the residual writers (o_proj, "
+        "down_proj) of every layer, strength 1, applied as hooks: projection (Arditi/Heretic; unlike directional "
+        "ablation it leaves the embedding's component along the direction), norm-preserving (Heretic >= 1.2: edited "
+        "rows keep their norms) or affine (Marshall et al.: the component is moved to the module's harmless mean, "
+        "not 0; cannot be --save'd into a model whose writers have no bias)")
+    activation_scaled: bool = Field(False, description="with --form: multiply each layer's strength by its "
+                                    "separation (Cohen's d of harmful vs harmless training prompts along the "
+                                    "direction, resid_pre at the last token) divided by the largest (clamped at 0)")
+    train_limit: int = Field(64, ge=1, description="with --activation-scaled or --form affine: training prompts per "
+                             "set read for the separation and the writers' harmless means")
 
 
 DEFAULT_TOP_HEADS = 10
@@ -82,6 +94,14 @@ def ablate(cfg: AblateConfig):
     orthogonalizes only those heads' o_proj columns; the outputs are the same, so `refusal compare` puts head-level
     and full ablation runs side by side.
 
+    With --form projection|norm-preserving|affine the direction is instead removed by a fixed weight edit of the
+    residual writers (o_proj and down_proj outputs of every layer, strength 1; toolkit.abliteration.fixed_edit),
+    applied as hooks; --activation-scaled multiplies each layer's strength by its separation / max (Cohen's d of
+    the --train-limit harmful vs harmless training prompts along the direction). --form projection is not the
+    default ablation: the embedding's component along the direction is left in place. --save writes the edit merged
+    into the weights (not for affine on models whose writers have no bias). run.json records form, scaling and
+    per-layer strengths under results.edit.
+
     Writes runs/ablate/NAME/ with results.csv (per prompt and condition), summary.csv, damage.csv and run.json.
     With --save, also a weight-orthogonalized checkpoint that plain transformers loads, evaluated as a third
     condition; it is computed from the source checkpoint's weights and keeps their stored dtype unless
@@ -94,6 +114,12 @@ def ablate(cfg: AblateConfig):
         raise ToolkitError("give `heads` or `heads_from`, not both", param="heads")
     if cfg.top_heads is not None and cfg.heads_from is None:
         raise ToolkitError("only counts heads taken from a patch run: give `heads_from` too", param="top_heads")
+    form = None if cfg.form is None else cfg.form.replace("-", "_")
+    if form is not None and (cfg.heads is not None or cfg.heads_from is not None):
+        raise ToolkitError("a weight-edit form is not combined with head-level ablation: drop `heads`/`heads_from` "
+                           "or `form`", param="form")
+    if cfg.activation_scaled and form is None:
+        raise ToolkitError("scales the strengths of a weight edit: give `form` too", param="activation_scaled")
     patch_heads = None
     if cfg.heads_from is not None:  # a file read: fails before the model loads
         try:
@@ -113,6 +139,10 @@ def ablate(cfg: AblateConfig):
 
         cset = load_capability_set(cfg.capability_set)
     lm_tasks = [t.strip() for t in cfg.lm_eval.split(",") if t.strip()] if cfg.lm_eval else []
+    train_sets = None
+    if form is not None and (cfg.activation_scaled or form == "affine"):
+        train_sets = (load_prompt_set(cfg.harmful).select("train").head(cfg.train_limit),
+                      load_prompt_set(cfg.harmless).select("train").head(cfg.train_limit))
     if cfg.save is not None:
         check_save_path(cfg.save, overwrite=cfg.replace_save, what="the --save checkpoint")
         if cfg.model and Path(cfg.model).expanduser().is_dir():
@@ -130,6 +160,9 @@ def ablate(cfg: AblateConfig):
             sel = patch_heads.check(ses.lm.n_layers, head_layout(ses.lm.model))
         if cfg.save is not None:
             check_export_target(Path(ses.lm.source), cfg.save, overwrite=cfg.replace_save)
+        edit, edit_record = None, None
+        if form is not None:
+            edit, edit_record = build_fixed_edit(ses, d, form, cfg.activation_scaled, train_sets, cfg.save)
         judge = cfg.open_judge(quiet=cfg.quiet) if cfg.gen_tokens else None
         r = ses.runner
         model = ses.lm.model
@@ -139,6 +172,8 @@ def ablate(cfg: AblateConfig):
             return judged(ses.refusal_ids, judge, ps.prompts, windows)
 
         def ablation():
+            if edit is not None:
+                return edit_hooks(model, edit)
             return directional_ablation(model, d) if sel is None else head_ablation(model, d, sel)
 
         t0 = time.time()
@@ -202,13 +237,19 @@ def ablate(cfg: AblateConfig):
         ortho_info = None
         if cfg.save is not None:
             t0 = time.time()
-            ortho_info = orthogonalize_weights(model, d) if sel is None else orthogonalize_heads(model, d, sel)
+            if edit is not None:
+                ortho_info = {"untied_lm_head": False, "exact_equivalent": True, **apply_weight_edit(model, edit)}
+            else:
+                ortho_info = orthogonalize_weights(model, d) if sel is None else orthogonalize_heads(model, d, sel)
             orth_h = evaluate(r, enc[H.name], measures(H), gen_tokens=cfg.gen_tokens, desc="orthogonalized harmful")
             orth_b = evaluate(r, enc[B.name], measures(B), gen_tokens=0, desc="orthogonalized harmless")
             conds += [("orthogonalized", H, orth_h, kl_or_none(orth_h, base[H.name])),
                       ("orthogonalized", B, orth_b, orth_b.kl_from(base[B.name]))]
             ortho_info["max_abs_logit_diff_vs_hooks"] = float((orth_b.logits - abl[B.name].logits).abs().max())
-            if sel is None:
+            if edit is not None:
+                ortho_info.update(export_weight_edit(Path(ses.lm.source), edit, cfg.save, dtype=saved_as,
+                                                     overwrite=cfg.replace_save))
+            elif sel is None:
                 ortho_info.update(export_orthogonalized(Path(ses.lm.source), d.vector, cfg.save, dtype=saved_as,
                                                         overwrite=cfg.replace_save))
             else:
@@ -236,12 +277,15 @@ def ablate(cfg: AblateConfig):
             results["lm_eval"] = lm_eval_results
         if sel is not None:
             results["heads"] = sel.describe()
+        if edit_record is not None:
+            results["edit"] = edit_record
         if ortho_info is not None:
             results["orthogonalized"] = {"saved_to": str(cfg.save),
                                          "untied_lm_head": ortho_info["untied_lm_head"],
                                          "exact_equivalent": ortho_info["exact_equivalent"],
                                          "n_edited": len(ortho_info["edited"]),
-                                         "scope": "heads" if sel is not None else "all",
+                                         "scope": ("heads" if sel is not None else "writers" if edit is not None
+                                                   else "all"),
                                          "max_abs_logit_diff_vs_hooks": ortho_info["max_abs_logit_diff_vs_hooks"],
                                          "compute_dtype": ses.lm.describe()["dtype"],
                                          "source_stored_dtype": ortho_info["stored_dtype"],
@@ -258,6 +302,8 @@ def ablate(cfg: AblateConfig):
                                              top_heads=patch_heads.top_k if patch_heads else cfg.top_heads),
                            results=results, judge=judge.describe() if judge is not None else None, damage=damage)
     scope = "" if sel is None else f" from {len(sel.heads)} head(s) {','.join(sel.labels)}"
+    if edit is not None:
+        scope = f" as a {cfg.form} edit of the writers" + (" (activation-scaled)" if cfg.activation_scaled else "")
     print_summary(sm, f"ablation of {d.source} (layer {d.layer}, pos {d.position}){scope}: {final}")
     print_damage(dm)
     if ortho_info is not None:
@@ -266,6 +312,61 @@ def ablate(cfg: AblateConfig):
                       f"{ortho_info['untied_lm_head']}; "
                       f"max |logit difference| vs hook ablation {ortho_info['max_abs_logit_diff_vs_hooks']:.2e})")
     console.print(f"wrote {final}")
+
+
+def build_fixed_edit(ses, d: Direction, form: str, activation_scaled: bool, train_sets, save: Path | None):
+    """The fixed-recipe :class:`toolkit.abliteration.WeightEdit` of ``--form`` on the session's model and its
+    ``run.json`` record: the unit direction at every layer, strength 1 (times the separation / max with
+    ``activation_scaled``, read from ``resid_pre`` at position -1 of every layer on the training prompts), the
+    affine reference levels from the writers' mean outputs on the harmless training prompts.
+
+    Raises:
+        ToolkitError: no training prompts; no layer separating the sets (``activation_scaled``); an affine ``save``
+            into a model whose writers have no bias (its checkpoint cannot hold the shift).
+    """
+    from toolkit.optimize import module_means
+
+    lm, r = ses.lm, ses.runner
+    L = lm.n_layers
+    if form == "affine" and save is not None:
+        from toolkit.hooks import decoder_layers, writer_module
+
+        missing = [f"layer {l} {site}" for l in range(L) for site in COMPONENTS.values()
+                   if writer_module(decoder_layers(lm.model)[l], site).bias is None]
+        if missing:
+            raise ToolkitError(f"cannot save the affine edit merged into weights: {missing[0]} (and "
+                               f"{len(missing) - 1} more) has no bias to hold the shift in this architecture's "
+                               "checkpoint; drop `save` (the affine edit is evaluated as hooks) or use "
+                               "`refusal optimize --export ... --adapter`", param="save")
+    separation, means, counts = None, None, None
+    if train_sets is not None:
+        h_train, b_train = train_sets
+        if len(h_train) == 0 or len(b_train) == 0:
+            raise ToolkitError(f"no training prompts ({h_train.name}: {len(h_train)}, {b_train.name}: {len(b_train)}): "
+                               "the separation and the affine means read the train split", param="train_limit")
+        counts = {"harmful": len(h_train), "harmless": len(b_train)}
+        eb = r.encode(b_train.prompts)
+        if activation_scaled:
+            eh = r.encode(h_train.prompts)
+            xh = r.collect(eh, range(L), ["resid_pre"], [-1], desc="harmful train residuals")["resid_pre"][:, :, 0]
+            xb = r.collect(eb, range(L), ["resid_pre"], [-1], desc="harmless train residuals")["resid_pre"][:, :, 0]
+            separation = layer_separation(xh, xb, d.vector)
+        if form == "affine":
+            means = module_means(r, eb, desc="writer means")
+    try:
+        edit = fixed_edit(d.vector, L, form, module_means=means, separation=separation)
+    except ToolkitError as e:
+        raise ToolkitError(e.message, param="activation_scaled" if e.param == "separation" else e.param) from None
+    record = {"form": form, "activation_scaled": activation_scaled, "components": list(COMPONENTS.values()),
+              "strengths": {c: [float(x) for x in w] for c, w in edit.strengths.items()},
+              "separation": None if separation is None else [float(x) for x in separation],
+              "references": (None if edit.references is None
+                             else {c: [float(x) for x in v] for c, v in edit.references.items()}),
+              "train_prompts": counts,
+              "note": "a fixed edit of the residual writers only (o_proj, down_proj outputs at every layer); unlike "
+                      "directional ablation the embedding is not edited, so --form projection differs from the "
+                      "default"}
+    return edit, record
 
 
 def print_damage(dm: pd.DataFrame) -> None:

@@ -142,6 +142,8 @@ class SeedsConfig(RunOptions):
     keys: Optional[str] = Field(None, description="comma-separated columns identifying a row across runs [default: "
                                 "the text columns plus alpha, layer, direction_index, part]")
     allow_mixed_judges: bool = Field(False, description="aggregate runs judged by different refusal judges")
+    vary: Optional[str] = Field(None, description="comma-separated params that may differ too, e.g. direction when "
+                                "each seed's ablate run removes the direction extracted with that seed")
 
 
 @stats_app.command("seeds")
@@ -152,7 +154,8 @@ def seeds(cfg: SeedsConfig):
     Rows are matched across runs on the key columns; per row and metric the output gives the number of seeds, the
     mean, the SD and the t interval of the mean. The runs must be of one command with distinct seeds and identical
     params apart from seed params and the options that only say how, where or under which name a run was made
-    (:data:`experiments.shared.config.NOT_COMPARED`: model, dtype, device, device_map, name, force, quiet). Rows missing from any run
+    (:data:`experiments.shared.config.NOT_COMPARED`: model, dtype, device, device_map, name, force, quiet) and the
+    params named by --vary (e.g. each seed's own extracted direction). Rows missing from any run
     are dropped (and counted). Writes runs/stats/NAME/seeds.csv and run.json.
     """
     if len(cfg.runs) < 2:
@@ -174,14 +177,19 @@ def seeds(cfg: SeedsConfig):
             raise ToolkitError(f"runs {seen[s]} and {folder} have the same seed {s}; seeds must be distinct")
         seen[s] = folder
     p0 = first.get("params") or {}
+    vary = {v.strip() for v in (cfg.vary or "").split(",") if v.strip()}
+    unknown = sorted(vary - set(p0))
+    if unknown:
+        raise ToolkitError(f"no param {unknown[0]!r} in {loaded[0][0]} (params: {', '.join(p0)})", param="vary")
     for (folder, m) in loaded[1:]:
         p = m.get("params") or {}
         for k in list(p0) + [k for k in p if k not in p0]:
-            if "seed" in k.lower() or k in NOT_COMPARED:
+            if "seed" in k.lower() or k in NOT_COMPARED or k in vary:
                 continue
             if p0.get(k, "<absent>") != p.get(k, "<absent>"):
                 raise ToolkitError(f"runs differ in param {k!r}: {p0.get(k, '<absent>')!r} in {loaded[0][0]} vs "
-                                   f"{p.get(k, '<absent>')!r} in {folder}; only seed params may differ")
+                                   f"{p.get(k, '<absent>')!r} in {folder}; only seed params (and those named by "
+                                   "`vary`) may differ")
         h0, h = (first.get("model") or {}).get("hash"), (m.get("model") or {}).get("hash")
         if h0 and h and h0 != h:
             raise ToolkitError(f"runs {loaded[0][0]} and {folder} use different models (hash {h0[:12]} vs "

@@ -371,7 +371,12 @@ for cid, extra, *needles in (
         ("split-bogus", ["--split", "bogus"], "bogus"),
         ("limit-0", ["--limit", "0"], "--limit"),
         ("limit--1", ["--limit", "-1"], "--limit"),
-        ("gen-tokens--1", ["--gen-tokens", "-1"], "--gen-tokens")):
+        ("gen-tokens--1", ["--gen-tokens", "-1"], "--gen-tokens"),
+        ("form-unknown", ["--form", "rotate"], "--form", "rotate"),
+        ("form-with-heads", ["--form", "projection", "--heads", "1.0"], "--form", "--heads"),
+        ("activation-scaled-without-form", ["--activation-scaled"], "--activation-scaled", "--form"),
+        ("form-affine-save-without-bias", ["--form", "affine", "--save", "out"], "--save", "no bias"),
+        ("form-train-limit-0", ["--form", "projection", "--train-limit", "0"], "--train-limit")):
     case(f"ablate-{cid}", base("ablate", *extra), *needles)
 case("ablate-save-read-only-parent", base("ablate", "--save", "ro/out"), setup=read_only_folder("ro"),
      skip_root=True)
@@ -733,7 +738,8 @@ for cid, extra, *needles in (
         ("run-json-schema-text", [SC0, "fake/schemastr"], "schema"),
         ("run-json-not-utf8", [SC0, "fake/binjson"], "run.json"),
         ("markup-missing-run", [SC0, "in/run[test]"], "in/run[test]"),
-        ("name-hidden", [SC0, SC1, "--name", ".hidden"], ".hidden")):
+        ("name-hidden", [SC0, SC1, "--name", ".hidden"], ".hidden"),
+        ("vary-unknown-param", [SC0, SC1, "--vary", "nosuchparam"], "--vary:", "nosuchparam")):
     case(f"stats-seeds-{cid}", ["stats", "seeds", *extra], *needles)
 case("stats-seeds-no-runs", ["stats", "seeds"], usage=True)
 

@@ -21,6 +21,9 @@ Every form is a function of the module's output alone, ``y' = s * (z - a (g . z)
 strengths come from Heretic's kernel (:class:`Kernel`); directions from a per-layer set, optionally interpolated at a
 fractional layer index (:func:`direction_at`, Heretic) and made orthogonal to the harmless mean
 (:func:`orthogonalize_to`, grimjim 2025, "projected abliteration").
+
+:func:`fixed_edit` is the fixed recipe of ``refusal ablate --form``: one direction at every layer, strength 1 on both
+writers, optionally activation-scaled by :func:`layer_separation` (the search's per-layer Cohen's d).
 """
 
 from __future__ import annotations
@@ -324,6 +327,120 @@ def apply_weight_edit(model: nn.Module, edit: WeightEdit) -> dict:
                 added.append(name)
             mod.bias.data.copy_(t["b"].to(mod.bias.dtype))
     return {"edited": edited, "added_bias": added}
+
+
+def layer_separation(harmful: torch.Tensor, harmless: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Per-layer separation of harmful from harmless prompts along a direction: Cohen's d of the projections,
+    ``(mean_h - mean_b) / sqrt((var_h + var_b) / 2)`` (variances ``ddof=1``, 0 for a single prompt; the denominator
+    floored at ``1e-6``), the activation-scaled strengths of the abliteration search (seed proposal 3; project).
+
+    Args:
+        harmful, harmless: ``[n_h, n_layers, d_model]`` and ``[n_b, n_layers, d_model]`` residuals (e.g.
+            ``resid_pre`` at prompt position -1), any float dtype.
+        directions: ``[n_layers, d_model]`` unit directions (one per layer; used as given, a zero row gives 0), or
+            ``[d_model]`` (the same at every layer; normalised here).
+
+    Returns:
+        ``[n_layers]`` float64 (dimensionless; positive where harmful prompts project further along the direction).
+
+    Raises:
+        ToolkitError: shapes that disagree, no prompt on a side, or a zero/non-finite direction.
+    """
+    if harmful.ndim != 3 or harmless.ndim != 3 or harmful.shape[1:] != harmless.shape[1:]:
+        raise ToolkitError(f"residuals must be [n, n_layers, d_model] on both sides, got {tuple(harmful.shape)} and "
+                           f"{tuple(harmless.shape)}")
+    if len(harmful) < 1 or len(harmless) < 1:
+        raise ToolkitError("the separation needs at least one harmful and one harmless prompt")
+    L, d = harmful.shape[1:]
+    if directions.ndim == 2:  # used as given (the search leaves an all-zero row 0 at zero: separation 0 there)
+        dirs = directions.detach().to("cpu", torch.float64)
+    else:
+        dirs = unit_rows(directions).expand(L, -1)
+    if dirs.shape != (L, d):
+        raise ToolkitError(f"directions {tuple(directions.shape)} do not fit residuals of {L} layers x width {d}")
+    ph = torch.einsum("nld,ld->nl", harmful.double().cpu(), dirs)
+    pb = torch.einsum("nld,ld->nl", harmless.double().cpu(), dirs)
+    zero = torch.zeros(L, dtype=torch.float64)
+    pooled = ((ph.var(0, unbiased=True) if len(ph) > 1 else zero)
+              + (pb.var(0, unbiased=True) if len(pb) > 1 else zero)) / 2
+    return (ph.mean(0) - pb.mean(0)) / pooled.clamp(min=1e-12).sqrt()
+
+
+def separation_scale(separation: torch.Tensor) -> torch.Tensor:
+    """Activation-scaled strength factors from a per-layer separation ``[n_layers]``: ``max(s, 0) / max_l max(s_l, 0)``
+    (as :meth:`toolkit.optimize.SearchState.edit`), ``[n_layers]`` float64 in ``[0, 1]``.
+
+    Raises:
+        ToolkitError: non-finite values, or no layer with a positive separation (the edit would do nothing).
+    """
+    s = torch.as_tensor(separation, dtype=torch.float64).detach().cpu().reshape(-1)
+    if not bool(torch.isfinite(s).all()):
+        raise ToolkitError("the per-layer separation is not finite")
+    s = s.clamp(min=0)
+    if len(s) == 0 or float(s.max()) <= 0:
+        raise ToolkitError("no layer separates harmful from harmless prompts along the direction (every "
+                           "separation <= 0): an activation-scaled edit would change nothing")
+    return s / s.max()
+
+
+def fixed_edit(direction: torch.Tensor, n_layers: int, form: str = "projection", module_means: dict | None = None,
+               separation: torch.Tensor | None = None) -> WeightEdit:
+    """The fixed-recipe edit of ``refusal ablate --form``: one unit direction at every layer, strength 1 on both
+    residual writers (``o_proj`` and ``down_proj``) of every layer, in ``form``; with ``separation`` the strengths
+    of layer ``l`` are multiplied by :func:`separation_scale` (activation-scaled, as the abliteration search).
+
+    Unlike directional ablation (:func:`toolkit.interventions.directional_ablation`, Arditi et al. 2024), which
+    projects the direction out of the residual stream at every block's input and output (the embedding included),
+    ``projection`` here removes it only from what the writers add: the embedding's component along ``r`` survives,
+    so the two differ (Arditi et al.'s weight orthogonalization edits the embedding too).
+
+    Args:
+        direction: ``[d_model]`` any norm (normalised here; float64 in the edit).
+        n_layers: the model's number of decoder layers.
+        form: ``"projection"``, ``"norm_preserving"`` or ``"affine"`` (``-`` accepted for ``_``).
+        module_means: for ``"affine"``: ``{"attn": [n_layers, d_model], "mlp": [n_layers, d_model]}`` mean writer
+            outputs on harmless prompts (:func:`toolkit.optimize.module_means`); the reference level of each module
+            is its mean projected on the direction, ``c = mean . r_hat`` (Marshall et al. 2024).
+        separation: ``[n_layers]`` per-layer separation (:func:`layer_separation`), or None for strength 1.
+
+    Returns:
+        A :class:`WeightEdit` whose ``meta`` records ``recipe``, ``activation_scaled`` and ``scale``.
+
+    Raises:
+        ToolkitError: unknown form (param ``form``), ``n_layers < 1``, a zero/non-finite direction, affine without
+            (or with misshapen) ``module_means`` (param ``module_means``), a separation of the wrong length or with
+            no positive layer (param ``separation``).
+    """
+    form = str(form).replace("-", "_")
+    if form not in FORMS:
+        raise ToolkitError(f"unknown edit form {form!r}; choose one of {', '.join(FORMS)}", param="form")
+    if n_layers < 1:
+        raise ToolkitError(f"n_layers must be >= 1, got {n_layers}", param="n_layers")
+    r = unit_rows(direction.reshape(-1))
+    rows = r.expand(n_layers, -1).clone()
+    scale = torch.ones(n_layers, dtype=torch.float64)
+    if separation is not None:
+        sep = torch.as_tensor(separation, dtype=torch.float64).reshape(-1)
+        if sep.shape != (n_layers,):
+            raise ToolkitError(f"separation must have {n_layers} values, got {tuple(sep.shape)}", param="separation")
+        try:
+            scale = separation_scale(sep)
+        except ToolkitError as e:
+            raise ToolkitError(e.message, param="separation") from None
+    strengths = {c: scale.clone() for c in COMPONENTS}
+    refs = None
+    if form == "affine":
+        if module_means is None:
+            raise ToolkitError("an affine edit needs the writers' harmless mean outputs", param="module_means")
+        refs = {}
+        for c in COMPONENTS:
+            m = module_means.get(c)
+            if m is None or tuple(m.shape) != (n_layers, r.shape[0]):
+                raise ToolkitError(f"module means of {c} must be [{n_layers}, {r.shape[0]}], got "
+                                   f"{None if m is None else tuple(m.shape)}", param="module_means")
+            refs[c] = m.detach().to("cpu", torch.float64) @ r
+    meta = {"recipe": "fixed", "activation_scaled": separation is not None, "scale": scale.tolist()}
+    return WeightEdit(rows, strengths, form, refs, meta=meta)
 
 
 def affine_ablate(x: torch.Tensor, r_hat: torch.Tensor, mean: torch.Tensor, weight: float = 1.0) -> torch.Tensor:

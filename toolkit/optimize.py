@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .abliteration import COMPONENTS, FORMS, Kernel, WeightEdit, direction_at, edit_hooks, orthogonalize_to, unit_rows
+from .abliteration import (COMPONENTS, FORMS, Kernel, WeightEdit, direction_at, edit_hooks, layer_separation,
+                           orthogonalize_to, unit_rows)
 from .errors import ToolkitError
 from .hooks import Reach, hooked
 from .runner import Encoded, Runner
@@ -137,20 +138,10 @@ class SearchSpace:
 
 
 def _separation(xh: torch.Tensor, xb: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-    """Per-layer standardized mean difference (Cohen's d) of the projections on each layer's unit direction.
-
-    Args:
-        xh, xb: ``[n, n_layers, d_model]`` residuals of harmful and harmless prompts.
-        dirs: ``[n_layers, d_model]`` unit directions.
-
-    Returns:
-        ``[n_layers]`` float64.
-    """
-    ph = torch.einsum("nld,ld->nl", xh.double(), dirs)
-    pb = torch.einsum("nld,ld->nl", xb.double(), dirs)
-    pooled = ((ph.var(0, unbiased=True) if len(ph) > 1 else torch.zeros(ph.shape[1], dtype=torch.float64))
-              + (pb.var(0, unbiased=True) if len(pb) > 1 else torch.zeros(pb.shape[1], dtype=torch.float64))) / 2
-    return (ph.mean(0) - pb.mean(0)) / pooled.clamp(min=1e-12).sqrt()
+    """Per-layer Cohen's d of the projections on each layer's unit direction (kept name of
+    :func:`toolkit.abliteration.layer_separation`). ``xh, xb``: ``[n, n_layers, d_model]``; ``dirs``:
+    ``[n_layers, d_model]`` unit rows. Returns ``[n_layers]`` float64."""
+    return layer_separation(xh, xb, dirs)
 
 
 @dataclass(frozen=True)
@@ -296,10 +287,21 @@ class SearchState:
         return cls.from_bytes(path.read_bytes(), str(path))
 
 
-def _module_means(runner: Runner, enc: Encoded, desc: str) -> dict:
+def module_means(runner: Runner, enc: Encoded, desc: str = "writer means") -> dict:
     """Mean output of every layer's ``o_proj`` and ``down_proj`` over the prompt tokens of ``enc`` (the template
     prefix shared by all prompts excluded; in each batch the last ``min_len`` positions, which are real tokens for
-    every row, so no padding is counted). Returns ``{"attn": [L, d], "mlp": [L, d]}`` float32."""
+    every row, so no padding is counted). One pass that reads the decoder (one LM-head column), float64 sums.
+
+    The affine edit's reference levels (Marshall et al. 2024): ``c = mean . r_hat`` per module (project).
+
+    Args:
+        runner: the model's runner.
+        enc: encoded prompts (e.g. the harmless training prompts).
+        desc: progress-bar label.
+
+    Returns:
+        ``{"attn": [n_layers, d_model], "mlp": [n_layers, d_model]}`` float32 (residual-stream units).
+    """
     L, d = runner.lm.n_layers, runner.lm.d_model
     sums = {c: torch.zeros(L, d, dtype=torch.float64) for c in COMPONENTS}
     counts = {c: torch.zeros(L, dtype=torch.float64) for c in COMPONENTS}
@@ -319,6 +321,9 @@ def _module_means(runner: Runner, enc: Encoded, desc: str) -> dict:
     with hooked(runner.model, specs, write=False, reach=Reach(read=True)):
         runner.logits(enc, desc=desc, columns=[0])  # the decoder is what is read: one LM-head row, not the vocabulary
     return {c: (sums[c] / counts[c].clamp(min=1).unsqueeze(1)).float() for c in COMPONENTS}
+
+
+_module_means = module_means  # the former private name
 
 
 def compute_search_state(runner: Runner, harmful: Encoded, harmless: Encoded, position: int = -1,
@@ -344,7 +349,7 @@ def compute_search_state(runner: Runner, harmful: Encoded, harmless: Encoded, po
     xb = runner.collect(harmless, range(L), ["resid_pre"], [position], desc="harmless residuals")["resid_pre"][:, :, 0]
     mh, mb = xh.double().mean(0), xb.double().mean(0)
     raw = mh - mb
-    means = _module_means(runner, harmless, "writer means")
+    means = module_means(runner, harmless, "writer means")
     state = SearchState(raw.float(), mb.float(), means, {}, position, runner.lm.model_hash, runner.lm.model_id,
                         dict(meta or {}, n_harmful=len(harmful), n_harmless=len(harmless)))
     sep = {"raw": _separation(xh, xb, state.unit_directions(False)),
