@@ -147,4 +147,4 @@ models-demo:
     refusal patch --model qwen-coder-0.5b --sites attn_out,mlp_out --no-heads --pairs 8 --bootstrap 200 --name models-qwen05 --force -q
     refusal patch --model qwen-coder-1.5b --sites attn_out,mlp_out --no-heads --pairs 8 --bootstrap 200 --name models-qwen15 --force -q
     refusal depth runs/patch/models-qwen05 runs/extract/models-qwen05 runs/patch/models-qwen15 runs/extract/models-qwen15 --name models --force
-    refusal steer --model qwen-coder-1.5b --direction runs/extract/models-qwen15 --sets harmful,borderline --alpha=-0.3:0.3:0.15 --random 4 --limit 20 --gen-tokens 12 --no-plot --name models-qwen15 --force
+    refusal steer --model qwen-coder-1.5b --direction runs/extract/models-qwen15 --sets harmful,borderline --alpha=-0.3:0.3:0.15 --random 4 --limit 20 --no-plot --name models-qwen15 --force
