@@ -55,8 +55,9 @@ class RefusalGroup(TyperGroup):
 app = typer.Typer(
     name="refusal",
     cls=RefusalGroup,
-    help="refusal-toolkit: measure refusals (judges checked against human labels), extract refusal directions, "
-         "ablate and steer with them (with damage measures), locate "
+    help="refusal-toolkit: measure refusals (judges checked against human labels), extract refusal directions (six "
+         "estimators), ablate them (everywhere, per attention head, or as weight edits) and steer with them "
+         "(conditionally too; with damage measures), export them as llama.cpp/repeng control vectors, locate "
          "refusal (patching), analyse its geometry (cones, imprints, residual geometry and plots), compare runs.",
     no_args_is_help=True,
     add_completion=False,
