@@ -31,6 +31,10 @@ paired differences); the p-values Holm-corrected across a model's arms (:func:`t
 
 Survival rule (column ``survives``): an arm survives on a model when (a) its mean refusal is lower than dim's,
 (b) its Holm-adjusted paired p < 0.05, and (c) its mean KL is no worse than dim's mean KL plus dim's SD over seeds.
+Where dim already removes every refusal an arm cannot beat it on refusal, so a second rule (column
+``survives_kl``) asks the other question: (a) its mean refusal is no higher than dim's mean plus dim's SD, and (b)
+its harmless KL is lower than dim's in a paired t-test over seeds with Holm-adjusted p < 0.05 (columns
+``kl_diff``, ``kl_d_z``, ``kl_p``, ``kl_p_holm``).
 With 3 seeds the paired t-test has 2 degrees of freedom, so only large, consistent effects survive; an arm with a
 failed or missing run on some seed is tested on the seeds both it and dim have (at least 2).
 
@@ -238,34 +242,44 @@ def study_table(per_seed: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_sd"] = float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else float("nan")
         base = per_seed[(per_seed.model == model) & (per_seed.arm == BASELINE)].set_index("seed")
         row.update({"refusal_diff": float("nan"), "t": float("nan"), "df": float("nan"), "p": float("nan"),
-                    "d_z": float("nan"), "n_pairs": 0})
+                    "d_z": float("nan"), "n_pairs": 0, "kl_diff": float("nan"), "kl_d_z": float("nan"),
+                    "kl_p": float("nan")})
         if arm != BASELINE:
             common = [s for s in g.seed if s in base.index]
-            a = g.set_index("seed").loc[common, "refusal"].to_numpy(dtype=float)
-            b = base.loc[common, "refusal"].to_numpy(dtype=float)
             row["n_pairs"] = len(common)
             if len(common) >= 2:
-                t = paired_ttest(a, b)
+                mine = g.set_index("seed").loc[common]
+                t = paired_ttest(mine["refusal"].to_numpy(dtype=float), base.loc[common, "refusal"].to_numpy(dtype=float))
                 row.update({"refusal_diff": t["mean_diff"], "t": t["statistic"], "df": t["df"],
                             "p": t["p_value"], "d_z": t["effect_size"]})
+                k = paired_ttest(mine["kl"].to_numpy(dtype=float), base.loc[common, "kl"].to_numpy(dtype=float))
+                row.update({"kl_diff": k["mean_diff"], "kl_d_z": k["effect_size"], "kl_p": k["p_value"]})
         rows.append(row)
     table = pd.DataFrame(rows)
     table["p_holm"] = float("nan")
+    table["kl_p_holm"] = float("nan")
     for model, g in table.groupby("model", sort=False):
         idx = g.index[g.arm != BASELINE]
         if len(idx):
             table.loc[idx, "p_holm"] = adjust_pvalues(table.loc[idx, "p"].to_numpy(dtype=float), "holm")[0]
-    surv = []
+            table.loc[idx, "kl_p_holm"] = adjust_pvalues(table.loc[idx, "kl_p"].to_numpy(dtype=float), "holm")[0]
+    surv, surv_kl = [], []
     for _, r in table.iterrows():
         if r.arm == BASELINE:
             surv.append("baseline")
+            surv_kl.append("baseline")
             continue
         b = table[(table.model == r.model) & (table.arm == BASELINE)].iloc[0]
         kl_bound = b.kl_mean + (b.kl_sd if np.isfinite(b.kl_sd) else 0.0)
         ok = (r.refusal_mean < b.refusal_mean and np.isfinite(r.p_holm) and r.p_holm < ALPHA
               and r.kl_mean <= kl_bound)
         surv.append("yes" if ok else "no")
+        refusal_bound = b.refusal_mean + (b.refusal_sd if np.isfinite(b.refusal_sd) else 0.0)
+        ok_kl = (r.refusal_mean <= refusal_bound and r.kl_mean < b.kl_mean and np.isfinite(r.kl_p_holm)
+                 and r.kl_p_holm < ALPHA)
+        surv_kl.append("yes" if ok_kl else "no")
     table["survives"] = surv
+    table["survives_kl"] = surv_kl
     return table
 
 
@@ -346,7 +360,8 @@ def per_prompt_test(invoke: Invoke, label: str, arm: str, seed: int, harmful_set
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The README table: mean +- SD per metric, the paired difference with d_z and Holm p, and survives."""
+    """The README table: mean +- SD per metric, the paired differences (refusal with d_z and Holm p; KL with Holm p)
+    and both survival columns."""
     def ms(r, m):
         mean, sd = r[f"{m}_mean"], r[f"{m}_sd"]
         if not np.isfinite(mean):
@@ -364,7 +379,10 @@ def markdown(table: pd.DataFrame) -> str:
         "Δ refusal vs dim": [num(x, "+.3f") for x in table.refusal_diff],
         "d_z": [num(x, ".2f") for x in table.d_z],
         "p (Holm)": [num(x, ".3g") for x in table.p_holm],
-        "survives": table.survives})
+        "survives": table.survives,
+        "Δ KL vs dim": [num(x, "+.3f") for x in table.kl_diff],
+        "KL p (Holm)": [num(x, ".3g") for x in table.kl_p_holm],
+        "survives on KL": table.survives_kl})
     return show.to_markdown(index=False)
 
 

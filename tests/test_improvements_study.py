@@ -149,6 +149,39 @@ def test_study_table_against_scipy_and_statsmodels():
     assert holm[0] < 0.05
     assert table.loc["a", "survives"] == "yes" and table.loc["b", "survives"] == "no"
     assert table.loc["c", "survives"] == "no" and table.loc["dim", "survives"] == "baseline"
+    # the KL rule: paired t-tests of KL against dim, Holm across arms
+    kps = []
+    for arm in ("a", "b", "c"):
+        want = st.ttest_rel(kls[arm], kls["dim"])
+        assert table.loc[arm, "kl_p"] == pytest.approx(want.pvalue)
+        assert table.loc[arm, "kl_diff"] == pytest.approx(np.mean(np.subtract(kls[arm], kls["dim"])))
+        kps.append(want.pvalue)
+    assert list(table.loc[["a", "b", "c"], "kl_p_holm"]) == pytest.approx(list(multipletests(kps, method="holm")[1]))
+    # b: refusal within dim's mean + SD and KL lower (0.053 vs 0.110, consistent) -> survives on KL iff Holm p < 0.05;
+    # a: refusal lower but KL not lower; c: KL higher
+    assert table.loc["b", "survives_kl"] == ("yes" if table.loc["b", "kl_p_holm"] < 0.05 else "no")
+    assert table.loc["a", "survives_kl"] == "no" and table.loc["c", "survives_kl"] == "no"
+    assert table.loc["dim", "survives_kl"] == "baseline"
+
+
+def test_study_table_kl_rule_when_dim_removes_every_refusal():
+    """dim at zero refusal: an arm at zero refusal and consistently lower KL survives on KL; one with more refusals
+    does not, however low its KL."""
+    rows = []
+    vals = {"dim": ([0.0, 0.0, 0.0], [0.10, 0.12, 0.09]), "low": ([0.0, 0.0, 0.0], [0.05, 0.06, 0.045]),
+            "leaky": ([0.05, 0.1, 0.05], [0.01, 0.012, 0.011])}
+    for arm, (ref, kl) in vals.items():
+        for s in range(3):
+            rows.append({"model": "m", "arm": arm, "seed": s, "refusal": ref[s], "over_refusal": 0.0, "kl": kl[s]})
+    table = study.study_table(pd.DataFrame(rows)).set_index("arm")
+    p_low = st.ttest_rel(vals["low"][1], vals["dim"][1]).pvalue
+    p_leaky = st.ttest_rel(vals["leaky"][1], vals["dim"][1]).pvalue
+    holm = multipletests([p_low, p_leaky], method="holm")[1]
+    assert table.loc["low", "kl_p_holm"] == pytest.approx(holm[0])
+    assert table.loc["low", "survives"] == "no"  # cannot beat zero refusals
+    assert table.loc["low", "survives_kl"] == ("yes" if holm[0] < 0.05 else "no")
+    assert holm[0] < 0.05  # the synthetic effect is large and consistent
+    assert table.loc["leaky", "survives_kl"] == "no"
 
 
 def test_second_run_resumes_without_rerunning(done):
