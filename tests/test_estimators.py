@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.estimators import METHODS, cosine, estimate, geometric_median
+from toolkit.estimators import METHODS, cosine, estimate
+from toolkit.geometry import geometric_median
 
 
 def _groups(seed=0, n=40, m=3, d=16, shift=3.0):
@@ -85,22 +86,11 @@ def test_probe_accuracy_is_chance_on_identical_groups():
     assert e.probe_accuracy.shape == (2,) and (e.probe_accuracy < 0.8).all()
 
 
-def test_geometric_median_known_cases():
-    # collinear odd set: the median is the middle point, unlike the mean
-    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [100.0, 0.0]], dtype=torch.float64)
-    med, _ = geometric_median(pts[:, None])
-    torch.testing.assert_close(med[0], torch.tensor([2.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-6)
-    # symmetric set: the centre
-    sq = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64) + 5
-    med, _ = geometric_median(sq[:, None])
-    torch.testing.assert_close(med[0], torch.tensor([5.0, 5.0], dtype=torch.float64), rtol=0, atol=1e-9)
-    # the defining property: the sum of unit vectors from the median to the points is ~ 0
-    g = torch.Generator().manual_seed(6)
-    cloud = torch.randn(50, 1, 7, generator=g, dtype=torch.float64) ** 3
-    med, _ = geometric_median(cloud)
-    u = cloud[:, 0] - med[0]
-    grad = (u / u.norm(dim=-1, keepdim=True)).sum(0)
-    assert float(grad.norm()) < 1e-5
+def test_geometric_median_estimate_is_the_difference_of_column_medians():
+    pos, neg = _groups(11, n=9, m=3, d=4)
+    e = estimate("geometric-median", pos, neg).directions
+    for j in range(3):
+        torch.testing.assert_close(e[j], geometric_median(pos[:, j]) - geometric_median(neg[:, j]), rtol=0, atol=0)
 
 
 def test_geometric_median_difference_ignores_an_outlier():

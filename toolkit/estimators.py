@@ -6,8 +6,8 @@ other, e.g. harmless prompts):
 
 * ``diff-means`` -- difference-in-means ``mean(pos) - mean(neg)`` (Arditi et al. 2024).
 * ``geometric-median`` -- ``median(pos) - median(neg)`` with the geometric (L1) median of each group, robust to
-  outlying prompts (Heretic's residual geometry reports these ``g*``, ``b*``, ``r*``). Weiszfeld's algorithm from the
-  mean, in float64.
+  outlying prompts (Heretic's residual geometry reports these ``g*``, ``b*``, ``r*``), by
+  :func:`toolkit.geometry.geometric_median` (Weiszfeld's algorithm from the mean, float64), per layer x position.
 * ``refused-minus-complied`` -- difference-in-means between the harmful prompts the model refuses and those it
   answers (the caller passes those groups as ``pos``/``neg``): a direction of the refusal *decision* rather than
   of harmfulness.
@@ -106,32 +106,6 @@ def _scaled(u: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     return u * s  # the sign of s orients u; s itself is >= 0 after orientation
 
 
-def geometric_median(points: torch.Tensor, iters: int = 200, tol: float = 1e-9) -> tuple[torch.Tensor, int]:
-    """Geometric median of each column's points by Weiszfeld's algorithm, started at the mean, in float64.
-
-    Args:
-        points: ``[n, m, d]`` (``m`` independent point clouds of ``n`` points each).
-        iters: most iterations; tol: stop when no median moves more than ``tol`` times the cloud's scale.
-
-    Returns:
-        (``[m, d]`` float64 medians, iterations run). A point coinciding with the estimate is given weight
-        ``1 / 1e-12`` relative distance (the usual guard); for one point the median is that point.
-    """
-    x = points.double()
-    y = x.mean(0)
-    scale = (x - y).norm(dim=-1).mean(0).clamp_min(1e-30)  # [m]
-    it = 0
-    for it in range(1, iters + 1):
-        dist = (x - y).norm(dim=-1).clamp_min(1e-12 * scale)  # [n, m]
-        w = 1.0 / dist
-        y_new = (w.unsqueeze(-1) * x).sum(0) / w.sum(0).unsqueeze(-1)
-        moved = (y_new - y).norm(dim=-1) / scale
-        y = y_new
-        if bool((moved < tol).all()):
-            break
-    return y, it
-
-
 def estimate(method: str, pos: torch.Tensor, neg: torch.Tensor, *, seed: int = 0, cv_folds: int = 5,
              probe_c: float = 1.0) -> Estimate:
     """Estimate directions from two groups of activations (see the module docstring for each method).
@@ -167,10 +141,9 @@ def estimate(method: str, pos: torch.Tensor, neg: torch.Tensor, *, seed: int = 0
     if method in ("diff-means", "refused-minus-complied", "caa"):
         d = dm
     elif method == "geometric-median":
-        gp, ip = geometric_median(p)
-        gn, i_n = geometric_median(n)
-        d = gp - gn
-        info["weiszfeld_iterations"] = [ip, i_n]
+        from .geometry import geometric_median  # Weiszfeld, float64: the residual-geometry table's g*, b*
+
+        d = torch.stack([geometric_median(p[:, j]) - geometric_median(n[:, j]) for j in range(p.shape[1])])
     elif method == "pca":
         k = min(p.shape[0], n.shape[0])
         diffs = (p[:k] - n[:k]).transpose(0, 1)  # [m, k, d]
