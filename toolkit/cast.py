@@ -31,7 +31,7 @@ from torch import nn
 from .directions import Direction
 from .errors import ToolkitError
 from .hooks import SITES, Reach, check_layer, hooked
-from .interventions import _check_direction
+from .interventions import _check_direction, addition_args
 from .runner import Encoded, Runner
 
 
@@ -220,19 +220,7 @@ def conditional_addition(model: nn.Module, vector: torch.Tensor | Direction, lay
     if g.ndim != 1 or g.numel() == 0 or g.dtype != torch.bool:
         raise ToolkitError(f"the gate must be a non-empty 1-D boolean sequence, got shape {tuple(g.shape)} and dtype "
                            f"{g.dtype}", param="gate")
-    own = vector if isinstance(vector, Direction) else None
-    if layers is None:
-        if own is None or own.layer is None:
-            raise ToolkitError("conditional addition needs layers (the direction records none)", param="layers")
-        layers = [own.layer]
-    site = site or (own.site if own is not None and own.site else "resid_pre")
-    v = _check_direction(model, vector).float()
-    if positions is not None:
-        positions = list(positions)
-        if not positions or any(p >= 0 for p in positions):
-            raise ToolkitError("positions must be negative indices from the end of the prompt, e.g. -1")
-    pos_t = torch.tensor(positions) if positions is not None else None
-    depth = -min(positions) if positions is not None else 0
+    layers, site, v, pos_t, depth = addition_args(model, vector, layers, positions, site, "conditional addition")
     all_open, all_closed = bool(g.all()), not bool(g.any())
 
     def fn(x, ctx):

@@ -132,6 +132,34 @@ def subspace_ablation(model: nn.Module, vectors: torch.Tensor, layers: Sequence[
         yield
 
 
+def addition_args(model: nn.Module, vector: torch.Tensor | Direction, layers: Sequence[int] | None,
+                  positions: Sequence[int] | None, site: str | None, what: str
+                  ) -> tuple[list[int], str, torch.Tensor, torch.Tensor | None, int]:
+    """The resolved arguments of an activation addition (:func:`activation_addition` and CAST's
+    :func:`toolkit.cast.conditional_addition`): ``(layers, site, vector [d_model] float32, positions [k] or None,
+    depth)``; ``layers`` and ``site`` default to a :class:`Direction`'s own (``site`` else ``resid_pre``), ``depth`` is
+    how far from the end of the prompt the positions reach (0 for every position).
+
+    Raises:
+        ToolkitError: vector of the wrong width, positions that are empty or not negative, no layers given for a
+            tensor or a direction that records none (``what`` names the intervention in that message).
+    """
+    own = vector if isinstance(vector, Direction) else None
+    if layers is None:
+        if own is None or own.layer is None:
+            raise ToolkitError(f"{what} needs layers (the direction records none)", param="layers")
+        layers = [own.layer]
+    site = site or (own.site if own is not None and own.site else "resid_pre")
+    v = _check_direction(model, vector).float()
+    if positions is not None:
+        positions = list(positions)
+        if not positions or any(p >= 0 for p in positions):
+            raise ToolkitError("positions must be negative indices from the end of the prompt, e.g. -1")
+    pos_t = torch.tensor(positions) if positions is not None else None
+    depth = -min(positions) if positions is not None else 0
+    return list(layers), site, v, pos_t, depth
+
+
 @contextlib.contextmanager
 def activation_addition(model: nn.Module, vector: torch.Tensor | Direction, layers: Sequence[int] | None = None, *,
                         alpha: float = 1.0, positions: Sequence[int] | None = None, site: str | None = None
@@ -155,19 +183,7 @@ def activation_addition(model: nn.Module, vector: torch.Tensor | Direction, laye
         ToolkitError: vector of the wrong width, bad positions, unknown site, layer out of range, no layers given
             for a tensor or a direction that records none.
     """
-    own = vector if isinstance(vector, Direction) else None
-    if layers is None:
-        if own is None or own.layer is None:
-            raise ToolkitError("activation addition needs layers (the direction records none)", param="layers")
-        layers = [own.layer]
-    site = site or (own.site if own is not None and own.site else "resid_pre")
-    v = _check_direction(model, vector).float()
-    if positions is not None:
-        positions = list(positions)
-        if not positions or any(p >= 0 for p in positions):
-            raise ToolkitError("positions must be negative indices from the end of the prompt, e.g. -1")
-    pos_t = torch.tensor(positions) if positions is not None else None
-    depth = -min(positions) if positions is not None else 0
+    layers, site, v, pos_t, depth = addition_args(model, vector, layers, positions, site, "activation addition")
 
     def fn(x, ctx):
         delta = (alpha * v).to(device=x.device, dtype=x.dtype)
